@@ -1,0 +1,200 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_VIEWER: _ClassVar[Role]
+    ROLE_OPERATOR: _ClassVar[Role]
+    ROLE_ADMIN: _ClassVar[Role]
+
+class AgentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGENT_STATE_UNSPECIFIED: _ClassVar[AgentState]
+    AGENT_STATE_PENDING: _ClassVar[AgentState]
+    AGENT_STATE_RUNNING: _ClassVar[AgentState]
+    AGENT_STATE_SUCCEEDED: _ClassVar[AgentState]
+    AGENT_STATE_FAILED: _ClassVar[AgentState]
+    AGENT_STATE_KILLED: _ClassVar[AgentState]
+    AGENT_STATE_TIMED_OUT: _ClassVar[AgentState]
+    AGENT_STATE_LOST: _ClassVar[AgentState]
+
+class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_CODE_UNSPECIFIED: _ClassVar[ErrorCode]
+    ERROR_CODE_INVALID_ARGUMENT: _ClassVar[ErrorCode]
+    ERROR_CODE_NOT_FOUND: _ClassVar[ErrorCode]
+    ERROR_CODE_PERMISSION_DENIED: _ClassVar[ErrorCode]
+    ERROR_CODE_RESOURCE_EXHAUSTED: _ClassVar[ErrorCode]
+    ERROR_CODE_INTERNAL: _ClassVar[ErrorCode]
+ROLE_UNSPECIFIED: Role
+ROLE_VIEWER: Role
+ROLE_OPERATOR: Role
+ROLE_ADMIN: Role
+AGENT_STATE_UNSPECIFIED: AgentState
+AGENT_STATE_PENDING: AgentState
+AGENT_STATE_RUNNING: AgentState
+AGENT_STATE_SUCCEEDED: AgentState
+AGENT_STATE_FAILED: AgentState
+AGENT_STATE_KILLED: AgentState
+AGENT_STATE_TIMED_OUT: AgentState
+AGENT_STATE_LOST: AgentState
+ERROR_CODE_UNSPECIFIED: ErrorCode
+ERROR_CODE_INVALID_ARGUMENT: ErrorCode
+ERROR_CODE_NOT_FOUND: ErrorCode
+ERROR_CODE_PERMISSION_DENIED: ErrorCode
+ERROR_CODE_RESOURCE_EXHAUSTED: ErrorCode
+ERROR_CODE_INTERNAL: ErrorCode
+
+class SignedEnvelope(_message.Message):
+    __slots__ = ("envelope", "signature", "key_id")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    envelope: bytes
+    signature: bytes
+    key_id: str
+    def __init__(self, envelope: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class Envelope(_message.Message):
+    __slots__ = ("message_id", "sender", "recipient", "key_id", "issued_at_ms", "in_reply_to", "command", "response")
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    IN_REPLY_TO_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    message_id: str
+    sender: str
+    recipient: str
+    key_id: str
+    issued_at_ms: int
+    in_reply_to: str
+    command: Command
+    response: Response
+    def __init__(self, message_id: _Optional[str] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., key_id: _Optional[str] = ..., issued_at_ms: _Optional[int] = ..., in_reply_to: _Optional[str] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., response: _Optional[_Union[Response, _Mapping]] = ...) -> None: ...
+
+class Principal(_message.Message):
+    __slots__ = ("name", "role")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: Role
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("tenant", "workspace", "principal", "spawn", "get", "list", "kill")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    SPAWN_FIELD_NUMBER: _ClassVar[int]
+    GET_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    KILL_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    workspace: str
+    principal: Principal
+    spawn: SpawnAgent
+    get: GetAgent
+    list: ListAgents
+    kill: KillAgent
+    def __init__(self, tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ..., spawn: _Optional[_Union[SpawnAgent, _Mapping]] = ..., get: _Optional[_Union[GetAgent, _Mapping]] = ..., list: _Optional[_Union[ListAgents, _Mapping]] = ..., kill: _Optional[_Union[KillAgent, _Mapping]] = ...) -> None: ...
+
+class SpawnAgent(_message.Message):
+    __slots__ = ("template", "task", "params")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    template: str
+    task: str
+    params: _containers.ScalarMap[str, str]
+    def __init__(self, template: _Optional[str] = ..., task: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class GetAgent(_message.Message):
+    __slots__ = ("agent_id",)
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
+
+class ListAgents(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KillAgent(_message.Message):
+    __slots__ = ("agent_id", "grace_ms")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    GRACE_MS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    grace_ms: int
+    def __init__(self, agent_id: _Optional[str] = ..., grace_ms: _Optional[int] = ...) -> None: ...
+
+class Agent(_message.Message):
+    __slots__ = ("agent_id", "spoke", "tenant", "workspace", "template", "task", "principal", "state", "exit_code", "created_at_ms", "started_at_ms", "ended_at_ms", "reason")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SPOKE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    spoke: str
+    tenant: str
+    workspace: str
+    template: str
+    task: str
+    principal: str
+    state: AgentState
+    exit_code: int
+    created_at_ms: int
+    started_at_ms: int
+    ended_at_ms: int
+    reason: str
+    def __init__(self, agent_id: _Optional[str] = ..., spoke: _Optional[str] = ..., tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., template: _Optional[str] = ..., task: _Optional[str] = ..., principal: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., exit_code: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., started_at_ms: _Optional[int] = ..., ended_at_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AgentList(_message.Message):
+    __slots__ = ("agents",)
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedCompositeFieldContainer[Agent]
+    def __init__(self, agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message", "retry_after_ms")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    code: ErrorCode
+    message: str
+    retry_after_ms: int
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+
+class Response(_message.Message):
+    __slots__ = ("agent", "agents", "error")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    agent: Agent
+    agents: AgentList
+    error: Error
+    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., agents: _Optional[_Union[AgentList, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
