@@ -109,7 +109,7 @@ class Command(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ..., spawn: _Optional[_Union[SpawnAgent, _Mapping]] = ..., get: _Optional[_Union[GetAgent, _Mapping]] = ..., list: _Optional[_Union[ListAgents, _Mapping]] = ..., kill: _Optional[_Union[KillAgent, _Mapping]] = ...) -> None: ...
 
 class SpawnAgent(_message.Message):
-    __slots__ = ("template", "task", "params")
+    __slots__ = ("agent_id", "template", "task", "params")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,13 +117,15 @@ class SpawnAgent(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
     template: str
     task: str
     params: _containers.ScalarMap[str, str]
-    def __init__(self, template: _Optional[str] = ..., task: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, agent_id: _Optional[str] = ..., template: _Optional[str] = ..., task: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetAgent(_message.Message):
     __slots__ = ("agent_id",)

@@ -1,0 +1,1 @@
+"""Code both Fleetwire daemons use: identity, envelope, errors, scope, storage, config."""

@@ -1,0 +1,256 @@
+"""Instance configuration: config.toml read into frozen dataclasses.
+
+Defaults are written down once, here. A bad file fails at start-up with the key and the
+reason, never later in a request.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from shared.errors import InvalidArgument
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+PLACEHOLDER_RE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+# Placeholders a template may use besides its own params.
+BUILTIN_PLACEHOLDERS = frozenset({"python", "task", "agent_id", "tenant", "workspace", "workdir"})
+
+
+def check_slug(kind: str, value: str) -> str:
+    """A tenant or workspace slug: lowercase letters, digits and '-', at most 63."""
+    if not SLUG_RE.match(value):
+        raise InvalidArgument(
+            f"{kind} '{value}' is not a valid slug: use 1-63 lowercase letters, digits "
+            "and '-', starting with a letter or digit"
+        )
+    return value
+
+
+def check_name(kind: str, value: str) -> str:
+    """An instance, principal or template name."""
+    if not NAME_RE.match(value):
+        raise InvalidArgument(
+            f"{kind} '{value}' is not a valid name: use 1-63 letters, digits, '.', '_' "
+            "and '-', starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class WireConfig:
+    max_clock_skew_seconds: int = 60
+    # Replay memory keeps message ids this long; must exceed the skew window.
+    message_retention_seconds: int = 24 * 3600
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """How the hub retries a command to a spoke: same signed bytes every attempt."""
+
+    attempts: int = 4
+    initial_backoff_seconds: float = 0.2
+    max_backoff_seconds: float = 2.0
+    attempt_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class KeepAliveConfig:
+    """The same on every server and channel so neither side sees the other as abusive."""
+
+    interval_ms: int = 30_000
+    timeout_ms: int = 10_000
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    listen: str = "127.0.0.1:7400"
+
+
+@dataclass(frozen=True)
+class SpokeConfig:
+    listen: str = "127.0.0.1:7401"
+    # Agent working folders live under <home>/<workspaces_dir>/<tenant>/<workspace>/.
+    workspaces_dir: str = "workspaces"
+    max_grace_seconds: int = 300
+    # Environment variables agents inherit from the spoke; everything else is dropped.
+    pass_env: tuple[str, ...] = ("PATH", "LANG", "LC_ALL", "TZ")
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    name: str
+    argv: tuple[str, ...]
+    description: str = ""
+    # Declared parameters with their defaults; a spawn may set only these.
+    params: dict[str, str] = field(default_factory=dict)
+    grace_seconds: float = 10.0
+    max_runtime_seconds: float = 3600.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    # Empty: SQLite at <home>/state.db.
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    name: str
+    wire: WireConfig = WireConfig()
+    retry: RetryConfig = RetryConfig()
+    keepalive: KeepAliveConfig = KeepAliveConfig()
+    hub: HubConfig = HubConfig()
+    spoke: SpokeConfig = SpokeConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    templates: dict[str, TemplateConfig] = field(default_factory=dict)
+
+    @property
+    def key_path(self) -> Path:
+        return self.home / "identity.key"
+
+    @property
+    def db_url(self) -> str:
+        return self.database.url or f"sqlite+aiosqlite:///{self.home / 'state.db'}"
+
+    @property
+    def workspaces_root(self) -> Path:
+        return self.home / self.spoke.workspaces_dir
+
+
+def _table(cls: type[Any], data: Any, where: str, **extra: Any) -> Any:
+    """Build dataclass cls from a TOML table, naming the key in every complaint."""
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"[{where}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        f = known.get(key)
+        if f is None or key in extra:
+            raise InvalidArgument(f"{where}.{key}: unknown key")
+        expected = type(f.default) if f.default is not MISSING else None
+        if expected is tuple:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidArgument(f"{where}.{key}: must be a list of strings")
+            value = tuple(value)
+        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif expected is not None and not isinstance(value, expected):
+            raise InvalidArgument(f"{where}.{key}: must be {expected.__name__}")
+        values[key] = value
+    return cls(**values, **extra)
+
+
+def _template(name: str, data: Any) -> TemplateConfig:
+    where = f"templates.{name}"
+    check_name("template", name)
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"[{where}] must be a table")
+    argv = data.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise InvalidArgument(f"{where}.argv: must be a non-empty list of strings")
+    params = data.get("params", {})
+    env = data.get("env", {})
+    for key, table in (("params", params), ("env", env)):
+        if not isinstance(table, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in table.items()
+        ):
+            raise InvalidArgument(f"{where}.{key}: must be a table of strings")
+    for item in argv:
+        for ph in PLACEHOLDER_RE.findall(item):
+            if ph not in BUILTIN_PLACEHOLDERS and ph not in params:
+                raise InvalidArgument(
+                    f"{where}.argv: placeholder {{{ph}}} is neither built in "
+                    f"({', '.join(sorted(BUILTIN_PLACEHOLDERS))}) nor declared in params"
+                )
+    rest = {k: v for k, v in data.items() if k not in ("argv", "params", "env")}
+    tpl: TemplateConfig = _table(TemplateConfig, rest, where, name=name, argv=tuple(argv),
+                                 params=dict(params), env=dict(env))
+    if tpl.grace_seconds < 0 or tpl.max_runtime_seconds <= 0:
+        raise InvalidArgument(f"{where}: grace_seconds must be >= 0, max_runtime_seconds > 0")
+    return tpl
+
+
+def load_config(home: Path) -> Config:
+    """Read <home>/config.toml; raise InvalidArgument naming the bad key."""
+    path = home / "config.toml"
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(
+            f"{path} does not exist; create the instance with `fleetwire init --home {home}`"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"{path}: not valid TOML: {exc}") from None
+    try:
+        instance = data.pop("instance", {})
+        name = instance.get("name") if isinstance(instance, dict) else None
+        if not isinstance(name, str):
+            raise InvalidArgument("instance.name: required string")
+        check_name("instance.name", name)
+        sections = {
+            "wire": WireConfig, "retry": RetryConfig, "keepalive": KeepAliveConfig,
+            "hub": HubConfig, "spoke": SpokeConfig, "database": DatabaseConfig,
+        }
+        built: dict[str, Any] = {}
+        for key, cls in sections.items():
+            if key in data:
+                built[key] = _table(cls, data.pop(key), key)
+        templates = {n: _template(n, t) for n, t in data.pop("templates", {}).items()}
+        if data:
+            raise InvalidArgument(f"{', '.join(sorted(data))}: unknown section")
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{path}: {exc.message}") from None
+    cfg = Config(home=home, name=name, templates=templates, **built)
+    if cfg.wire.message_retention_seconds <= 2 * cfg.wire.max_clock_skew_seconds:
+        raise InvalidArgument(
+            f"{path}: wire.message_retention_seconds must exceed twice max_clock_skew_seconds"
+        )
+    return cfg
+
+
+def default_config_text(name: str) -> str:
+    """The commented config.toml that `fleetwire init` writes."""
+    return f'''# Fleetwire instance configuration. Every key below shows its default.
+
+[instance]
+name = "{name}"
+
+[wire]
+# Envelopes whose issued_at differs from this clock by more are rejected.
+max_clock_skew_seconds = 60
+# How long message ids are remembered for replay and retry detection.
+message_retention_seconds = 86400
+
+[hub]
+# Operator API address of `fleetwire hub run` (port 0: any free port).
+listen = "127.0.0.1:7400"
+
+[spoke]
+# Command API address of `fleetwire spoke run`.
+listen = "127.0.0.1:7401"
+workspaces_dir = "workspaces"
+max_grace_seconds = 300
+pass_env = ["PATH", "LANG", "LC_ALL", "TZ"]
+
+# Agent templates. argv items are passed as separate arguments, never through a shell.
+# Placeholders: {{python}} {{task}} {{agent_id}} {{tenant}} {{workspace}} {{workdir}}
+# and any declared in params (their values are defaults a spawn may override).
+[templates.demo]
+description = "Built-in demo agent: prints progress, exits 0 when done or on SIGTERM"
+argv = ["{{python}}", "-m", "spoke.demo_agent", "--task", "{{task}}", "--steps", "{{steps}}", "--interval", "{{interval}}"]
+params = {{ steps = "20", interval = "0.5" }}
+grace_seconds = 5
+max_runtime_seconds = 3600
+'''
+
+
+def python_executable() -> str:
+    return sys.executable

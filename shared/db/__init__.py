@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy async models, engine set-up and Alembic migrations."""

@@ -1,0 +1,141 @@
+"""Tables of one instance's state.db. Hub and spoke share one schema; each uses its part.
+
+Times are integer Unix milliseconds; nothing dialect-specific, so the same models run on
+SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# A grant over a whole tenant stores this instead of NULL: two NULLs never collide in a
+# unique constraint, and a duplicate whole-tenant grant must.
+ALL_WORKSPACES = "*"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Peer(Base):
+    __tablename__ = "peers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    address: Mapped[str] = mapped_column(String(255), default="")
+    state: Mapped[str] = mapped_column(String(16), default="ACTIVE")
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class PeerKey(Base):
+    __tablename__ = "peer_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    peer_id: Mapped[int] = mapped_column(ForeignKey("peers.id", ondelete="CASCADE"))
+    key_id: Mapped[str] = mapped_column(String(16), unique=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    state: Mapped[str] = mapped_column(String(16), default="ACTIVE")
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slug: Mapped[str] = mapped_column(String(63), unique=True)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Workspace(Base):
+    __tablename__ = "workspaces"
+    __table_args__ = (UniqueConstraint("tenant_id", "slug"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    slug: Mapped[str] = mapped_column(String(63))
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class SeenMessage(Base):
+    """Replay memory: every accepted message id, its hash, and the signed answer."""
+
+    __tablename__ = "seen_messages"
+    sender: Mapped[str] = mapped_column(String(64), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    envelope_sha256: Mapped[str] = mapped_column(String(64))
+    response: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    received_at_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class Grant(Base):
+    """On a spoke: a hub may act in a tenant (or one workspace of it) up to max_role."""
+
+    __tablename__ = "grants"
+    __table_args__ = (UniqueConstraint("peer_id", "tenant_id", "workspace"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    peer_id: Mapped[int] = mapped_column(ForeignKey("peers.id", ondelete="CASCADE"))
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    workspace: Mapped[str] = mapped_column(String(63), default=ALL_WORKSPACES)
+    max_role: Mapped[int] = mapped_column(Integer)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Agent(Base):
+    """On a spoke: an agent process and its lifecycle."""
+
+    __tablename__ = "agents"
+    __table_args__ = (Index("ix_agents_scope", "tenant", "workspace"),)
+    agent_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(63))
+    workspace: Mapped[str] = mapped_column(String(63))
+    template: Mapped[str] = mapped_column(String(64))
+    task: Mapped[str] = mapped_column(Text, default="")
+    principal: Mapped[str] = mapped_column(String(64))
+    peer: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # /proc/PID/stat field 22: with the pid, what tells this process from a recycled pid.
+    pid_start_time: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    workdir: Mapped[str] = mapped_column(Text)
+    log_path: Mapped[str] = mapped_column(Text)
+    grace_ms: Mapped[int] = mapped_column(Integer)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    started_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    ended_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class OperatorToken(Base):
+    """On a hub: an operator bearer token, stored as its SHA-256 only."""
+
+    __tablename__ = "operator_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    principal: Mapped[str] = mapped_column(String(64))
+    role: Mapped[int] = mapped_column(Integer)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    revoked_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class HubAgent(Base):
+    """On a hub: every agent it spawned, where, and the last state it heard."""
+
+    __tablename__ = "hub_agents"
+    __table_args__ = (Index("ix_hub_agents_scope", "tenant", "workspace"),)
+    agent_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    spoke: Mapped[str] = mapped_column(String(64))
+    tenant: Mapped[str] = mapped_column(String(63))
+    workspace: Mapped[str] = mapped_column(String(63))
+    template: Mapped[str] = mapped_column(String(64))
+    principal: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    spawn_message_id: Mapped[str] = mapped_column(String(64))
+    updated_at_ms: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,153 @@
+"""Sealing and opening SignedEnvelopes: the wire rules of DESIGN.md in one place.
+
+A receiver verifies the exact bytes that travelled, then parses them. Nothing is
+re-serialized before verification, so any implementation can check a signature from
+the bytes alone.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from google.protobuf.message import DecodeError
+
+from shared.errors import InvalidArgument, Unauthenticated
+from shared.identity import Identity
+from shared.pb.v1 import wire_pb2
+
+SIGNING_PREFIX = b"fleetwire/v1\x00"
+DEFAULT_SKEW_MS = 60_000
+MAX_ENVELOPE_BYTES = 256 * 1024
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_message_id() -> str:
+    """A random 128-bit id as 32 hex digits."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class PeerKey:
+    """A public key as the receiver's registry knows it."""
+
+    peer_name: str
+    peer_active: bool
+    key_id: str
+    key_active: bool
+    public_key: bytes
+
+
+class Keyring(Protocol):
+    """Where a receiver looks keys up; read per message so revocation acts at once."""
+
+    async def find_key(self, key_id: str) -> PeerKey | None: ...
+
+
+@dataclass(frozen=True)
+class OpenedEnvelope:
+    envelope: wire_pb2.Envelope
+    # The exact bytes that were verified: what replay memory hashes.
+    raw: bytes
+
+
+def seal_envelope(
+    identity: Identity,
+    *,
+    recipient: str,
+    command: wire_pb2.Command | None = None,
+    response: wire_pb2.Response | None = None,
+    in_reply_to: str = "",
+    message_id: str | None = None,
+    issued_at_ms: int | None = None,
+) -> wire_pb2.SignedEnvelope:
+    """Serialize an Envelope once and sign those bytes."""
+    env = wire_pb2.Envelope(
+        message_id=message_id or new_message_id(),
+        sender=identity.name,
+        recipient=recipient,
+        key_id=identity.key_id,
+        issued_at_ms=now_ms() if issued_at_ms is None else issued_at_ms,
+        in_reply_to=in_reply_to,
+    )
+    if (command is None) == (response is None):
+        raise ValueError("an envelope carries exactly one of command or response")
+    if command is not None:
+        env.command.CopyFrom(command)
+    if response is not None:
+        env.response.CopyFrom(response)
+    raw = env.SerializeToString()
+    return wire_pb2.SignedEnvelope(
+        envelope=raw, signature=identity.sign(SIGNING_PREFIX + raw), key_id=identity.key_id
+    )
+
+
+async def open_envelope(
+    signed: wire_pb2.SignedEnvelope,
+    *,
+    keyring: Keyring,
+    me: str,
+    skew_ms: int = DEFAULT_SKEW_MS,
+    clock_ms: int | None = None,
+) -> OpenedEnvelope:
+    """Verify a SignedEnvelope addressed to `me`, then parse it.
+
+    Raises Unauthenticated for an unknown or inactive sender or key, a key_id mismatch,
+    a bad signature, another recipient, or a timestamp outside ±skew_ms; InvalidArgument
+    for bytes that verify but do not parse. Replay memory is the caller's next step.
+    """
+    raw = signed.envelope
+    if len(raw) > MAX_ENVELOPE_BYTES:
+        raise InvalidArgument(f"envelope of {len(raw)} bytes exceeds {MAX_ENVELOPE_BYTES}")
+    if not signed.key_id:
+        raise Unauthenticated("envelope rejected: no key_id")
+    key = await keyring.find_key(signed.key_id)
+    if key is None:
+        raise Unauthenticated(
+            f"envelope rejected: unknown key '{signed.key_id}'; add the sender with "
+            "`fleetwire peer add`"
+        )
+    if not key.peer_active:
+        raise Unauthenticated(f"envelope rejected: peer '{key.peer_name}' is not active")
+    if not key.key_active:
+        raise Unauthenticated(
+            f"envelope rejected: key '{key.key_id}' of '{key.peer_name}' is not active"
+        )
+    try:
+        Ed25519PublicKey.from_public_bytes(key.public_key).verify(
+            signed.signature, SIGNING_PREFIX + raw
+        )
+    except (InvalidSignature, ValueError):
+        raise Unauthenticated("envelope rejected: signature does not verify") from None
+
+    env = wire_pb2.Envelope()
+    try:
+        env.ParseFromString(raw)
+    except DecodeError:
+        raise InvalidArgument("envelope rejected: signed bytes are not an Envelope") from None
+    if env.key_id != signed.key_id:
+        raise Unauthenticated("envelope rejected: inner and outer key_id disagree")
+    if env.sender != key.peer_name:
+        raise Unauthenticated(
+            f"envelope rejected: sender '{env.sender}' does not own key '{key.key_id}'"
+        )
+    if env.recipient != me:
+        raise Unauthenticated(
+            f"envelope rejected: addressed to '{env.recipient}', this instance is '{me}'"
+        )
+    now = now_ms() if clock_ms is None else clock_ms
+    if abs(now - env.issued_at_ms) > skew_ms:
+        raise Unauthenticated(
+            f"envelope rejected: issued_at is {(env.issued_at_ms - now) / 1000:+.1f} s from "
+            f"this instance's clock (allowed ±{skew_ms / 1000:.0f} s); check both clocks"
+        )
+    if not env.message_id or len(env.message_id) > 64:
+        raise InvalidArgument("envelope rejected: message_id must be 1 to 64 characters")
+    return OpenedEnvelope(envelope=env, raw=raw)

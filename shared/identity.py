@@ -1,0 +1,96 @@
+"""An instance's Ed25519 signing identity and the key_id rule shared by every peer."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from shared.errors import InvalidArgument
+
+
+def key_id_for(public_key: bytes) -> str:
+    """First 16 hex digits of SHA-256 of the raw 32-byte public key (DESIGN.md rule 5)."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def decode_public_key(text: str) -> bytes:
+    """Base64 of a raw 32-byte Ed25519 public key, checked, as bytes."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidArgument(f"public key is not valid base64: {exc}") from None
+    if len(raw) != 32:
+        raise InvalidArgument(
+            f"public key must be 32 raw bytes (base64 of an Ed25519 key), got {len(raw)}; "
+            "copy it from `fleetwire identity show`"
+        )
+    Ed25519PublicKey.from_public_bytes(raw)
+    return raw
+
+
+@dataclass(frozen=True)
+class Identity:
+    """This instance's name and signing key."""
+
+    name: str
+    private_key: Ed25519PrivateKey
+
+    @property
+    def public_key(self) -> bytes:
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    @property
+    def public_key_b64(self) -> str:
+        return base64.b64encode(self.public_key).decode()
+
+    @property
+    def key_id(self) -> str:
+        return key_id_for(self.public_key)
+
+    def sign(self, data: bytes) -> bytes:
+        return self.private_key.sign(data)
+
+
+def generate_key_file(path: Path) -> None:
+    """Write a new Ed25519 private key, readable by the owner only (0600)."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+
+
+def load_identity(name: str, path: Path) -> Identity:
+    """Load the signing key; refuse a file that others can read."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InvalidArgument(
+            f"identity key {path} does not exist; run `fleetwire init` first"
+        ) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InvalidArgument(
+            f"identity key {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
+            f"fix it with `chmod 600 {path}`"
+        )
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InvalidArgument(f"identity key {path} is not an Ed25519 key")
+    return Identity(name=name, private_key=key)
