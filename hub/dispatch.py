@@ -1,0 +1,130 @@
+"""Sending signed commands to spokes and trusting only their signed answers.
+
+One channel per spoke, reused. A command is sealed once; retries (UNAVAILABLE and
+DEADLINE_EXCEEDED only) re-send the same bytes, so the spoke's message-id memory turns a
+retry into the first answer, never a second action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from shared.config import Config
+from shared.envelope import Keyring, open_envelope, seal_envelope
+from shared.errors import (
+    FleetwireError,
+    Unauthenticated,
+    Unavailable,
+    from_rpc_error,
+    from_wire_error,
+)
+from shared.identity import Identity
+from shared.pb.v1 import wire_pb2, wire_pb2_grpc
+from shared.peers import ACTIVE, find_peer
+from shared.rpc import open_channel
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _RETRYABLE
+
+
+class SpokeDispatcher:
+    def __init__(self, cfg: Config, identity: Identity, keyring: Keyring,
+                 sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._cfg = cfg
+        self._identity = identity
+        self._keyring = keyring
+        self._sessions = sessions
+        self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+
+    async def spoke_address(self, spoke: str) -> str | None:
+        """The address of an active spoke peer, or None if there is no such spoke."""
+        async with self._sessions() as session:
+            peer = await find_peer(session, spoke)
+        if peer is None or peer.state != ACTIVE or not peer.address:
+            return None
+        return peer.address
+
+    def _stub(self, spoke: str, address: str) -> wire_pb2_grpc.SpokeServiceStub:
+        known = self._channels.get(spoke)
+        if known is None or known[0] != address:
+            if known is not None:
+                # Address changed: close the old channel in the background.
+                asyncio.get_running_loop().create_task(known[1].close())
+            known = (address, open_channel(address, self._cfg.keepalive))
+            self._channels[spoke] = known
+        return wire_pb2_grpc.SpokeServiceStub(known[1])
+
+    async def send(self, spoke: str, address: str, command: wire_pb2.Command,
+                   *, extra_timeout: float = 0.0) -> wire_pb2.Response:
+        """Seal, send with retries, verify the signed answer; raise its Error if any."""
+        signed = seal_envelope(self._identity, recipient=spoke, command=command)
+        message_id = wire_pb2.Envelope.FromString(signed.envelope).message_id
+        stub = self._stub(spoke, address)
+        retry = self._cfg.retry
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_retryable),
+                stop=stop_after_attempt(retry.attempts),
+                wait=wait_exponential(multiplier=retry.initial_backoff_seconds,
+                                      max=retry.max_backoff_seconds),
+                reraise=False,
+            ):
+                with attempt:
+                    reply = await stub.Deliver(
+                        signed, timeout=retry.attempt_timeout_seconds + extra_timeout)
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            detail = last.details() if isinstance(last, grpc.aio.AioRpcError) else str(last)
+            raise Unavailable(
+                f"spoke '{spoke}' at {address} is unreachable after {retry.attempts} "
+                f"attempts ({detail}); check that it runs and the address is right"
+            ) from None
+        except grpc.aio.AioRpcError as exc:
+            err = from_rpc_error(exc, target=f"spoke '{spoke}'")
+            if isinstance(err, Unauthenticated):
+                err = Unauthenticated(
+                    f"spoke '{spoke}' refused this hub's signed command: {err.message}")
+            raise err from None
+        return await self._verify(spoke, message_id, reply)
+
+    async def _verify(self, spoke: str, message_id: str,
+                      reply: wire_pb2.SignedEnvelope) -> wire_pb2.Response:
+        try:
+            opened = await open_envelope(reply, keyring=self._keyring, me=self._identity.name,
+                                         skew_ms=self._cfg.wire.max_clock_skew_seconds * 1000)
+        except FleetwireError as err:
+            log.warning("answer from spoke %s rejected: %s", spoke, err.message)
+            raise Unauthenticated(
+                f"the answer from spoke '{spoke}' failed verification: {err.message}"
+            ) from None
+        env = opened.envelope
+        if (env.sender != spoke or env.in_reply_to != message_id
+                or env.WhichOneof("body") != "response"):
+            log.warning("answer from spoke %s does not match command %s", spoke, message_id)
+            raise Unauthenticated(
+                f"the answer from spoke '{spoke}' is not a signed reply to this command")
+        response = env.response
+        if response.WhichOneof("result") == "error":
+            raise from_wire_error(response.error)
+        return response
+
+    async def close(self) -> None:
+        for _, channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

@@ -1,0 +1,152 @@
+"""What the hub does for an operator: check the token's scope, then ask the spoke.
+
+The hub authorizes first (tenant from the token, role, its registry scoped by tenant);
+the spoke checks everything again on its own before it acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from hub.dispatch import SpokeDispatcher
+from hub.registry import HubRegistry
+from shared.config import SLUG_RE, check_name
+from shared.db import models
+from shared.errors import (
+    FleetwireError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    not_found_agent,
+)
+from shared.pb.v1 import operator_pb2, wire_pb2
+from shared.peers import ACTIVE
+from shared.scope import Action, current_scope, require_role
+
+
+def _not_found_spoke(spoke: str) -> NotFound:
+    return NotFound(f"spoke '{spoke}' not found; the hub knows it only after `fleetwire peer "
+                    "add --address`")
+
+
+class HubOperator:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession],
+                 dispatcher: SpokeDispatcher) -> None:
+        self._sessions = sessions
+        self._dispatch = dispatcher
+        self.registry = HubRegistry(sessions)
+
+    def _command(self, workspace: str) -> wire_pb2.Command:
+        scope = current_scope()
+        return wire_pb2.Command(tenant=scope.tenant, workspace=workspace,
+                                principal=scope.principal.to_wire())
+
+    async def _address(self, spoke: str) -> str:
+        address = await self._dispatch.spoke_address(spoke)
+        if address is None:
+            raise _not_found_spoke(spoke)
+        return address
+
+    async def spawn(self, req: operator_pb2.SpawnAgentRequest) -> wire_pb2.Agent:
+        require_role(current_scope().principal, Action.SPAWN)
+        if not req.spoke:
+            raise InvalidArgument("name the spoke to spawn on (--spoke)")
+        if not SLUG_RE.match(req.workspace):
+            raise InvalidArgument(f"workspace '{req.workspace}' is not a valid slug")
+        check_name("template", req.template)
+        address = await self._address(req.spoke)
+        agent_id = secrets.token_hex(16)
+        command = self._command(req.workspace)
+        command.spawn.CopyFrom(wire_pb2.SpawnAgent(
+            agent_id=agent_id, template=req.template, task=req.task, params=req.params))
+        await self.registry.record_pending(agent_id=agent_id, spoke=req.spoke,
+                                           workspace=req.workspace, template=req.template,
+                                           message_id="")
+        try:
+            response = await self._dispatch.send(req.spoke, address, command)
+        except FleetwireError:
+            await self.registry.forget(agent_id)
+            raise
+        return await self._seen(req.spoke, response.agent)
+
+    async def status(self, agent_id: str) -> wire_pb2.Agent:
+        require_role(current_scope().principal, Action.STATUS)
+        known = await self._known(agent_id)
+        command = self._command(known.workspace)
+        command.get.agent_id = agent_id
+        response = await self._dispatch.send(known.spoke, await self._address(known.spoke),
+                                             command)
+        return await self._seen(known.spoke, response.agent)
+
+    async def kill(self, agent_id: str, grace_ms: int | None) -> wire_pb2.Agent:
+        # Operators may kill only what they spawned; the spoke decides that, since only
+        # it knows the agent's principal for sure.
+        require_role(current_scope().principal, Action.KILL)
+        known = await self._known(agent_id)
+        command = self._command(known.workspace)
+        command.kill.agent_id = agent_id
+        if grace_ms is not None:
+            command.kill.grace_ms = grace_ms
+        response = await self._dispatch.send(
+            known.spoke, await self._address(known.spoke), command,
+            extra_timeout=(grace_ms or 0) / 1000 + 10.0)
+        return await self._seen(known.spoke, response.agent)
+
+    async def list(self, req: operator_pb2.ListAgentsRequest) -> operator_pb2.ListAgentsResponse:
+        require_role(current_scope().principal, Action.LIST)
+        if req.workspace and not SLUG_RE.match(req.workspace):
+            raise InvalidArgument(f"workspace '{req.workspace}' is not a valid slug")
+        if req.spoke:
+            spokes = [(req.spoke, await self._address(req.spoke))]
+        else:
+            spokes = await self._all_spokes()
+
+        async def ask(spoke: str, address: str) -> list[wire_pb2.Agent]:
+            command = self._command(req.workspace)
+            command.list.SetInParent()
+            try:
+                response = await self._dispatch.send(spoke, address, command)
+            except NotFound:
+                return []  # no grant or no such workspace there: nothing to show
+            return [await self._seen(spoke, a) for a in response.agents.agents]
+
+        results = await asyncio.gather(*(ask(s, a) for s, a in spokes), return_exceptions=True)
+        out = operator_pb2.ListAgentsResponse()
+        for (spoke, _), result in zip(spokes, results, strict=True):
+            if isinstance(result, Unavailable):
+                if req.spoke:
+                    raise result
+                out.unreachable_spokes.append(spoke)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                out.agents.extend(result)
+        out.agents.sort(key=lambda a: (a.created_at_ms, a.agent_id))
+        return out
+
+    async def _known(self, agent_id: str) -> models.HubAgent:
+        known = await self.registry.find(agent_id)
+        if known is None:
+            raise not_found_agent(agent_id)
+        return known
+
+    async def _all_spokes(self) -> list[tuple[str, str]]:
+        async with self._sessions() as session:
+            rows = (await session.execute(
+                select(models.Peer.name, models.Peer.address)
+                .where(models.Peer.state == ACTIVE, models.Peer.address != "")
+                .order_by(models.Peer.name))).all()
+        return [(name, address) for name, address in rows]
+
+    async def _seen(self, spoke: str, agent: wire_pb2.Agent) -> wire_pb2.Agent:
+        """Check a spoke's answer is in the caller's tenant, record it, name its spoke."""
+        if agent.tenant != current_scope().tenant:
+            # A spoke answering with another tenant's agent is broken or hostile.
+            raise NotFound(f"agent '{agent.agent_id}' not found")
+        await self.registry.observe(spoke, agent)
+        agent.spoke = spoke
+        return agent

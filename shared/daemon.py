@@ -1,0 +1,68 @@
+"""What every daemon shares: logging, the ready line, graceful stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import grpc
+
+from shared.config import Config
+from shared.envelope import now_ms
+from shared.replay import MessageMemory
+
+log = logging.getLogger("fleetwire")
+
+STOP_GRACE_SECONDS = 5.0
+PRUNE_INTERVAL_SECONDS = 600.0
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def add_health(server: grpc.aio.Server, service: str) -> None:
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    asyncio.get_running_loop().create_task(
+        servicer.set(service, health_pb2.HealthCheckResponse.SERVING))
+
+
+def announce(role: str, cfg: Config, host: str, port: int) -> None:
+    """The line tests and scripts wait for: the daemon is serving on this port."""
+    print(f"fleetwire {role} '{cfg.name}' listening on {host}:{port}", flush=True)
+
+
+async def serve_until_stopped(
+    server: grpc.aio.Server, memory: MessageMemory, cfg: Config,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT; then stop taking requests and finish those in flight."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def prune() -> None:
+        while True:
+            cutoff = now_ms() - cfg.wire.message_retention_seconds * 1000
+            try:
+                await memory.forget_older_than(cutoff)
+            except Exception:
+                log.exception("pruning replay memory failed")
+            await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+
+    pruner = asyncio.create_task(prune())
+    await stop.wait()
+    log.info("stopping: no new requests, finishing those in flight")
+    pruner.cancel()
+    await server.stop(STOP_GRACE_SECONDS)
+    if on_stop is not None:
+        await on_stop()

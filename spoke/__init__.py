@@ -1,0 +1,1 @@
+"""The spoke daemon: command API, scope checks, process supervisor, templates."""

@@ -1,0 +1,231 @@
+"""What a spoke does with a verified command: scope checks first, then the action.
+
+The checks run in DESIGN.md's order and fail closed: the sending hub's grant for the
+tenant (and workspace), the workspace's existence, the role (never above what the grant
+lets the hub assert), then, for an existing agent, the agent's own scope. What the hub
+may not see answers NOT_FOUND exactly like what does not exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from shared.config import SLUG_RE, Config
+from shared.db import models
+from shared.envelope import now_ms
+from shared.errors import (
+    FleetwireError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    not_found_agent,
+    not_found_workspace,
+    to_wire_error,
+)
+from shared.pb.v1 import wire_pb2
+from shared.scope import (
+    Action,
+    Principal,
+    Role,
+    Scope,
+    current_scope,
+    require_role,
+    use_scope,
+)
+from shared.tenancy import workspace_exists
+from spoke import procfs
+from spoke.grants import tenant_grant
+from spoke.store import FINAL_STATES, AgentLedger, ScopedAgents, to_wire
+from spoke.supervisor import AgentSupervisor, Ending, Launched, LaunchSpec, terminate_processes
+from spoke.templates import MAX_TASK_CHARS, check_text, describe_templates, render_argv
+
+log = logging.getLogger(__name__)
+
+AGENT_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_ACTIONS = {"spawn": Action.SPAWN, "get": Action.STATUS, "list": Action.LIST,
+            "kill": Action.KILL}
+
+
+@dataclass(frozen=True)
+class _Target:
+    action: Action
+    agent_id: str  # empty for spawn and list
+
+
+class SpokeCommands:
+    def __init__(self, cfg: Config, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._cfg = cfg
+        self._sessions = sessions
+        self.agents = ScopedAgents(sessions)
+        self.ledger = AgentLedger(sessions)
+        self.supervisor = AgentSupervisor(on_exit=self._record_ending)
+
+    async def handle(self, peer: str, command: wire_pb2.Command) -> wire_pb2.Response:
+        """Answer one command; every refusal becomes a signed Error, never an exception."""
+        try:
+            scope, target = await self._authorize(peer, command)
+            with use_scope(scope):
+                return await self._act(command, target)
+        except FleetwireError as err:
+            return wire_pb2.Response(error=to_wire_error(err))
+        except Exception:
+            log.exception("command from %s failed", peer)
+            return wire_pb2.Response(error=to_wire_error(
+                Internal("internal error on the spoke; its log has the details")))
+
+    async def _authorize(self, peer: str, command: wire_pb2.Command) -> tuple[Scope, _Target]:
+        which = command.WhichOneof("action")
+        if which is None:
+            raise InvalidArgument("command names no action")
+        action = _ACTIONS[which]
+        agent_id = getattr(command, which).agent_id if which in ("get", "kill") else ""
+        target = _Target(action, agent_id)
+
+        def hidden() -> NotFound:
+            if agent_id:
+                return not_found_agent(agent_id)
+            return not_found_workspace(command.workspace or command.tenant)
+
+        workspace = command.workspace or None
+        if workspace is None and action is not Action.LIST:
+            raise InvalidArgument("command names no workspace")
+        if not SLUG_RE.match(command.tenant) or (workspace and not SLUG_RE.match(workspace)):
+            raise hidden()
+        async with self._sessions() as session:
+            grant = await tenant_grant(session, peer, command.tenant)
+            if grant is None:
+                raise hidden()
+            if workspace is not None:
+                limit = grant.max_role_in(workspace)
+                if limit is None or not await workspace_exists(session, command.tenant,
+                                                               workspace):
+                    raise hidden()
+            else:
+                limit = max(grant.roles.values())
+        role = Role.from_wire(command.principal.role)
+        principal = Principal(name=command.principal.name or "unknown", role=role)
+        if role > limit:
+            raise PermissionDenied(
+                f"hub '{peer}' asserts role {role.label} but its grant here allows at most "
+                f"{limit.label}; ask the spoke's operator to widen the grant"
+            )
+        require_role(principal, action)
+        scope = Scope(tenant=command.tenant, workspace=workspace, principal=principal,
+                      allowed_workspaces=grant.workspaces, peer=peer)
+        return scope, target
+
+    async def _act(self, command: wire_pb2.Command, target: _Target) -> wire_pb2.Response:
+        if target.action is Action.SPAWN:
+            return wire_pb2.Response(agent=await self._spawn(command.spawn))
+        if target.action is Action.LIST:
+            agents = await self.agents.list()
+            return wire_pb2.Response(agents=wire_pb2.AgentList(agents=[to_wire(a) for a in agents]))
+        agent = await self.agents.get(target.agent_id)
+        if agent is None:
+            raise not_found_agent(target.agent_id)
+        if target.action is Action.STATUS:
+            return wire_pb2.Response(agent=to_wire(agent))
+        return wire_pb2.Response(agent=await self._kill(agent, command.kill))
+
+    async def _spawn(self, req: wire_pb2.SpawnAgent) -> wire_pb2.Agent:
+        scope = current_scope()
+        template = self._cfg.templates.get(req.template)
+        if template is None:
+            raise InvalidArgument(
+                f"unknown template '{req.template}'; this spoke offers: "
+                f"{describe_templates(self._cfg.templates)}"
+            )
+        if not AGENT_ID_RE.match(req.agent_id):
+            raise InvalidArgument("agent_id must be 32 lowercase hex digits")
+        check_text("task", req.task, MAX_TASK_CHARS)
+        if await self.agents.exists_anywhere(req.agent_id):
+            raise InvalidArgument(f"agent id '{req.agent_id}' is already in use; use a new id")
+        assert scope.workspace is not None
+        base = self._cfg.workspaces_root / scope.tenant / scope.workspace
+        workdir = base / "agents" / req.agent_id
+        log_path = base / "logs" / f"{req.agent_id}.log"
+        argv = render_argv(template, dict(req.params), {
+            "python": sys.executable, "task": req.task, "agent_id": req.agent_id,
+            "tenant": scope.tenant, "workspace": scope.workspace, "workdir": str(workdir),
+        })
+        env = {k: os.environ[k] for k in self._cfg.spoke.pass_env if k in os.environ}
+        env.update(template.env)
+        env.update({
+            procfs.AGENT_ENV: req.agent_id, "FLEETWIRE_TENANT": scope.tenant,
+            "FLEETWIRE_WORKSPACE": scope.workspace, "FLEETWIRE_TASK": req.task,
+            "FLEETWIRE_SPOKE": self._cfg.name, "HOME": str(workdir),
+            "PYTHONUNBUFFERED": "1",
+        })
+        await self.agents.create(models.Agent(
+            agent_id=req.agent_id, tenant=scope.tenant, workspace=scope.workspace,
+            template=template.name, task=req.task, principal=scope.principal.name,
+            peer=scope.peer, state="PENDING", reason="starting", workdir=str(workdir),
+            log_path=str(log_path), grace_ms=int(template.grace_seconds * 1000),
+            created_at_ms=now_ms()))
+        spec = LaunchSpec(agent_id=req.agent_id, argv=argv, workdir=workdir,
+                          log_path=log_path, env=env,
+                          max_runtime_seconds=template.max_runtime_seconds,
+                          grace_seconds=template.grace_seconds)
+        try:
+            launched = await self.supervisor.launch(spec)
+        except OSError as exc:
+            await self.ledger.ended(req.agent_id, "FAILED", None,
+                                    f"could not start {argv[0]!r}: {exc.strerror or exc}")
+        else:
+            await self.ledger.started(req.agent_id, launched.pid, launched.start_time)
+            self.supervisor.watch(req.agent_id)
+        agent = await self.agents.get(req.agent_id)
+        assert agent is not None
+        return to_wire(agent)
+
+    async def _kill(self, agent: models.Agent, req: wire_pb2.KillAgent) -> wire_pb2.Agent:
+        principal = current_scope().principal
+        require_role(principal, Action.KILL, owns_target=agent.principal == principal.name)
+        grace_ms = req.grace_ms if req.HasField("grace_ms") else agent.grace_ms
+        if grace_ms > self._cfg.spoke.max_grace_seconds * 1000:
+            raise InvalidArgument(
+                f"grace of {grace_ms / 1000:g} s exceeds this spoke's max_grace_seconds "
+                f"({self._cfg.spoke.max_grace_seconds}); ask for less"
+            )
+        if agent.state not in FINAL_STATES:
+            reason = f"killed by {principal.name} via {current_scope().peer}"
+            if self.supervisor.is_supervised(agent.agent_id):
+                await self.supervisor.kill(agent.agent_id, grace_ms / 1000, reason)
+            else:
+                await self._kill_unsupervised(agent, grace_ms / 1000, reason)
+        killed = await self.agents.get(agent.agent_id)
+        assert killed is not None
+        return to_wire(killed)
+
+    async def _kill_unsupervised(self, agent: models.Agent, grace: float, reason: str) -> None:
+        """An agent this spoke run did not start (it restarted since): kill it only if
+        its recorded pid still has its recorded start time."""
+        if agent.pid and agent.pid_start_time and procfs.is_same_process(
+                agent.pid, agent.pid_start_time):
+            escalated = await terminate_processes(
+                agent.agent_id, Launched(agent.pid, agent.pid_start_time), grace)
+            how = "SIGKILL after the grace period" if escalated else "SIGTERM"
+            await self.ledger.ended(agent.agent_id, "KILLED", None, f"{reason} ({how})")
+        else:
+            await self.ledger.ended(agent.agent_id, "LOST", None,
+                                    "the process was gone when the kill arrived")
+
+    async def _record_ending(self, agent_id: str, ending: Ending) -> None:
+        await self.ledger.ended(agent_id, ending.state, ending.exit_code, ending.reason)
+
+    async def recover(self) -> None:
+        """At start-up: agents recorded live whose process is gone become LOST. Live ones
+        stay RUNNING and can still be killed (their pid and start time both match)."""
+        for agent in await self.ledger.live():
+            alive = bool(agent.pid and agent.pid_start_time
+                         and procfs.is_same_process(agent.pid, agent.pid_start_time))
+            if not alive:
+                await self.ledger.ended(agent.agent_id, "LOST", None,
+                                        "the process was gone when the spoke restarted")

@@ -1,0 +1,37 @@
+"""`fleetwire spoke run`: the spoke daemon."""
+
+from __future__ import annotations
+
+from shared.config import Config
+from shared.daemon import add_health, announce, serve_until_stopped
+from shared.db.engine import make_engine, make_sessions
+from shared.identity import load_identity
+from shared.pb.v1 import wire_pb2_grpc
+from shared.peers import DbKeyring
+from shared.replay import MessageMemory
+from shared.rpc import start_server
+from spoke.commands import SpokeCommands
+from spoke.service import SpokeService
+
+
+async def run_spoke(cfg: Config, listen: str) -> None:
+    identity = load_identity(cfg.name, cfg.key_path)
+    engine = make_engine(cfg.db_url)
+    sessions = make_sessions(engine)
+    memory = MessageMemory(sessions)
+    commands = SpokeCommands(cfg, sessions)
+    await commands.recover()
+    service = SpokeService(identity, DbKeyring(sessions), memory, commands,
+                           skew_ms=cfg.wire.max_clock_skew_seconds * 1000)
+    server, port = await start_server(listen, [
+        lambda s: wire_pb2_grpc.add_SpokeServiceServicer_to_server(service, s),
+        lambda s: add_health(s, "fleetwire.v1.SpokeService"),
+    ], cfg.keepalive)
+    announce("spoke", cfg, listen.rpartition(":")[0], port)
+
+    async def on_stop() -> None:
+        # Agents keep running; a restarted spoke finds them by pid and start time.
+        commands.supervisor.detach()
+        await engine.dispose()
+
+    await serve_until_stopped(server, memory, cfg, on_stop)

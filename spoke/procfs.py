@@ -1,0 +1,114 @@
+"""Reading /proc: process identity (pid + start time) and an agent's process set.
+
+A pid alone is not an identity: pids are recycled. Every signal goes through a pidfd
+opened after the start time was checked, so it can only reach the process we meant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+AGENT_ENV = "FLEETWIRE_AGENT_ID"
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    # Field 22 of /proc/PID/stat: clock ticks after boot when the process started.
+    start_time: int
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in ("Z", "X")
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm (field 2) is in parentheses and may itself hold spaces or ')'.
+    rest = text[text.rindex(")") + 2:].split()
+    return ProcStat(pid=pid, state=rest[0], ppid=int(rest[1]), pgrp=int(rest[2]),
+                    session=int(rest[3]), start_time=int(rest[19]))
+
+
+def start_time(pid: int) -> int | None:
+    st = read_stat(pid)
+    return st.start_time if st is not None and st.alive else None
+
+
+def is_same_process(pid: int, recorded_start: int) -> bool:
+    """True only if pid is alive and started when we recorded it did."""
+    return start_time(pid) == recorded_start
+
+
+def _all_stats() -> list[ProcStat]:
+    stats = []
+    for entry in os.scandir(PROC):
+        if entry.name.isdigit():
+            st = read_stat(int(entry.name))
+            if st is not None and st.alive:
+                stats.append(st)
+    return stats
+
+
+def _has_marker(pid: int, marker: bytes) -> bool:
+    try:
+        environ = (PROC / str(pid) / "environ").read_bytes()
+    except OSError:
+        return False
+    return marker in environ.split(b"\0")
+
+
+def agent_processes(root_pid: int, root_start: int, agent_id: str) -> list[ProcStat]:
+    """Every live process of an agent: its session and process group, the descendants
+    of any of them, and any process carrying the agent's environment marker (which
+    finds descendants that escaped with setsid and were re-parented)."""
+    marker = f"{AGENT_ENV}={agent_id}".encode()
+    stats = _all_stats()
+    me = os.getpid()
+    # A pgrp/session id stays allocated while any member lives, so membership by these
+    # ids cannot hit an unrelated process even after the root's pid was recycled.
+    members = {s.pid: s for s in stats if s.pid != me and root_pid in (s.pgrp, s.session)}
+    root = next((s for s in stats if s.pid == root_pid), None)
+    if root is not None and root.start_time == root_start:
+        members[root_pid] = root
+    for s in stats:
+        if s.pid not in members and s.pid not in (me, 1) and s.ppid != 2 and _has_marker(s.pid, marker):
+            members[s.pid] = s
+    by_parent: dict[int, list[ProcStat]] = {}
+    for s in stats:
+        by_parent.setdefault(s.ppid, []).append(s)
+    frontier = list(members)
+    while frontier:
+        for child in by_parent.get(frontier.pop(), ()):
+            if child.pid not in members and child.pid != me:
+                members[child.pid] = child
+                frontier.append(child.pid)
+    return list(members.values())
+
+
+def signal_process(proc: ProcStat, sig: signal.Signals) -> bool:
+    """Send sig to exactly this process (pid and start time), via a pidfd."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (ProcessLookupError, OSError):
+        return False
+    try:
+        if start_time(proc.pid) != proc.start_time:
+            return False  # the pid now belongs to someone else
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(fd, sig)
+        return True
+    finally:
+        os.close(fd)

@@ -1,0 +1,195 @@
+"""AgentSupervisor: starts agent processes, watches them, and kills whole agents.
+
+Each agent gets its own session and process group (start_new_session, no preexec_fn),
+a working folder, a log file its stdout and stderr go straight to, and a filtered
+environment carrying an id marker. Killing is SIGTERM to every process of the agent,
+the grace period, then SIGKILL until nothing of it is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spoke import procfs
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+# After SIGKILL, how long to keep sweeping for processes that forked meanwhile.
+KILL_SWEEP_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    agent_id: str
+    argv: list[str]
+    workdir: Path
+    log_path: Path
+    env: dict[str, str]
+    max_runtime_seconds: float
+    grace_seconds: float
+
+
+@dataclass(frozen=True)
+class Launched:
+    pid: int
+    start_time: int
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How an agent ended, for the record."""
+
+    state: str  # SUCCEEDED | FAILED | KILLED | TIMED_OUT
+    exit_code: int | None
+    reason: str
+
+
+@dataclass
+class _Running:
+    spec: LaunchSpec
+    proc: asyncio.subprocess.Process
+    launched: Launched
+    kill_reason: str = ""
+    timed_out: bool = False
+    escalated: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    watcher: asyncio.Task[None] | None = None
+
+
+OnExit = Callable[[str, Ending], Awaitable[None]]
+
+
+class AgentSupervisor:
+    def __init__(self, on_exit: OnExit) -> None:
+        self._on_exit = on_exit
+        self._running: dict[str, _Running] = {}
+
+    def is_supervised(self, agent_id: str) -> bool:
+        return agent_id in self._running
+
+    async def launch(self, spec: LaunchSpec) -> Launched:
+        """Start the agent's first process; call watch() once its start is recorded."""
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                cwd=spec.workdir,
+                env=spec.env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            os.close(log_fd)
+        started = procfs.start_time(proc.pid)
+        if started is None:
+            # Already gone: the exit is still reaped by watch(); 0 marks "unknown".
+            started = 0
+        launched = Launched(pid=proc.pid, start_time=started)
+        self._running[spec.agent_id] = _Running(spec=spec, proc=proc, launched=launched)
+        return launched
+
+    def watch(self, agent_id: str) -> None:
+        run = self._running[agent_id]
+        run.watcher = asyncio.create_task(self._watch(run), name=f"agent-{agent_id}")
+
+    async def _watch(self, run: _Running) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(run.proc.wait()),
+                                   timeout=run.spec.max_runtime_seconds)
+        except TimeoutError:
+            run.timed_out = True
+            await self._terminate(run, run.spec.grace_seconds)
+        code = await run.proc.wait()
+        # Like a service manager: when the agent's first process is gone, what it left
+        # behind goes too.
+        await asyncio.to_thread(self._sweep, run.spec.agent_id, run.launched)
+        ending = self._ending(run, code)
+        try:
+            await self._on_exit(run.spec.agent_id, ending)
+        except Exception:
+            log.exception("recording the end of agent %s failed", run.spec.agent_id)
+        finally:
+            self._running.pop(run.spec.agent_id, None)
+            run.done.set()
+
+    @staticmethod
+    def _ending(run: _Running, code: int) -> Ending:
+        how = "SIGKILL after the grace period" if run.escalated else "SIGTERM"
+        if run.kill_reason:
+            return Ending("KILLED", code, f"{run.kill_reason} ({how})")
+        if run.timed_out:
+            return Ending("TIMED_OUT", code,
+                          f"ran past max_runtime_seconds={run.spec.max_runtime_seconds:g} "
+                          f"({how})")
+        if code == 0:
+            return Ending("SUCCEEDED", 0, "exited with code 0")
+        if code < 0:
+            return Ending("FAILED", code, f"ended by signal {signal.Signals(-code).name}")
+        return Ending("FAILED", code, f"exited with code {code}")
+
+    async def kill(self, agent_id: str, grace_seconds: float, reason: str) -> None:
+        """Kill a supervised agent and wait until its end is recorded."""
+        run = self._running.get(agent_id)
+        if run is None:
+            return
+        if not run.kill_reason:
+            run.kill_reason = reason
+            await self._terminate(run, grace_seconds)
+        await run.done.wait()
+
+    async def _terminate(self, run: _Running, grace_seconds: float) -> None:
+        run.escalated = await terminate_processes(
+            run.spec.agent_id, run.launched, grace_seconds)
+
+    def _sweep(self, agent_id: str, launched: Launched) -> None:
+        left = procfs.agent_processes(launched.pid, launched.start_time, agent_id)
+        for proc in left:
+            procfs.signal_process(proc, signal.SIGKILL)
+
+    def detach(self) -> None:
+        """Stop watching (daemon shutdown); the agents keep running."""
+        for run in self._running.values():
+            if run.watcher is not None:
+                run.watcher.cancel()
+        self._running.clear()
+
+
+async def terminate_processes(agent_id: str, launched: Launched, grace_seconds: float) -> bool:
+    """SIGTERM every process of the agent, wait up to grace, then SIGKILL until none is
+    left. Returns True if SIGKILL was needed."""
+
+    def scan() -> list[procfs.ProcStat]:
+        return procfs.agent_processes(launched.pid, launched.start_time, agent_id)
+
+    procs = await asyncio.to_thread(scan)
+    for proc in procs:
+        procfs.signal_process(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while procs and time.monotonic() < deadline:
+        await asyncio.sleep(POLL_SECONDS)
+        procs = await asyncio.to_thread(scan)
+    if not procs:
+        return False
+    sweep_until = time.monotonic() + KILL_SWEEP_SECONDS
+    while procs and time.monotonic() < sweep_until:
+        for proc in procs:
+            procfs.signal_process(proc, signal.SIGKILL)
+        await asyncio.sleep(POLL_SECONDS / 5)
+        procs = await asyncio.to_thread(scan)
+    if procs:
+        log.error("agent %s: processes %s survived SIGKILL", agent_id,
+                  [p.pid for p in procs])
+    return True
