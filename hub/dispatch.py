@@ -70,11 +70,22 @@ class SpokeDispatcher:
             self._channels[spoke] = known
         return wire_pb2_grpc.SpokeServiceStub(known[1])
 
+    def seal(self, spoke: str, command: wire_pb2.Command) -> tuple[str, wire_pb2.SignedEnvelope]:
+        """Sign a command for a spoke once; returns its message_id and the envelope."""
+        signed = seal_envelope(self._identity, recipient=spoke, command=command)
+        return wire_pb2.Envelope.FromString(signed.envelope).message_id, signed
+
     async def send(self, spoke: str, address: str, command: wire_pb2.Command,
                    *, extra_timeout: float = 0.0) -> wire_pb2.Response:
-        """Seal, send with retries, verify the signed answer; raise its Error if any."""
-        signed = seal_envelope(self._identity, recipient=spoke, command=command)
-        message_id = wire_pb2.Envelope.FromString(signed.envelope).message_id
+        """Seal and deliver a command."""
+        message_id, signed = self.seal(spoke, command)
+        return await self.deliver(spoke, address, message_id, signed,
+                                  extra_timeout=extra_timeout)
+
+    async def deliver(self, spoke: str, address: str, message_id: str,
+                      signed: wire_pb2.SignedEnvelope, *,
+                      extra_timeout: float = 0.0) -> wire_pb2.Response:
+        """Send with retries (same bytes), verify the signed answer, raise its Error."""
         stub = self._stub(spoke, address)
         retry = self._cfg.retry
         try:

@@ -63,11 +63,12 @@ class HubOperator:
         command = self._command(req.workspace)
         command.spawn.CopyFrom(wire_pb2.SpawnAgent(
             agent_id=agent_id, template=req.template, task=req.task, params=req.params))
+        message_id, signed = self._dispatch.seal(req.spoke, command)
         await self.registry.record_pending(agent_id=agent_id, spoke=req.spoke,
                                            workspace=req.workspace, template=req.template,
-                                           message_id="")
+                                           message_id=message_id)
         try:
-            response = await self._dispatch.send(req.spoke, address, command)
+            response = await self._dispatch.deliver(req.spoke, address, message_id, signed)
         except FleetwireError:
             await self.registry.forget(agent_id)
             raise

@@ -1,0 +1,188 @@
+"""Hub commands of the `fleetwire` command line: tokens, `hub run`, `agent ...`, `demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from hub.client import HubClient
+from hub.daemon import run_hub
+from hub.tokens import create_token
+from shared.cli import home_option, json_option, run_daemon, with_session
+from shared.errors import InvalidArgument
+from shared.pb.v1 import wire_pb2
+from shared.scope import Role
+
+T = TypeVar("T")
+
+
+@click.group()
+def token() -> None:
+    """Operator tokens (on the hub)."""
+
+
+@token.command("create")
+@home_option
+@click.option("--tenant", required=True)
+@click.option("--principal", default="operator", show_default=True,
+              help="Who the token stands for; recorded on the agents it spawns.")
+@click.option("--role", default="operator", show_default=True,
+              type=click.Choice(["viewer", "operator", "admin"]))
+@json_option
+def token_create(home: Path, tenant: str, principal: str, role: str, as_json: bool) -> None:
+    """Create an operator token for one tenant. It is shown once and stored hashed."""
+    r = Role.parse(role)
+    secret = with_session(home, lambda s, _: create_token(s, tenant=tenant, principal=principal,
+                                                          role=r))
+    if as_json:
+        click.echo(json.dumps({"token": secret, "tenant": tenant, "principal": principal,
+                               "role": r.label}))
+    else:
+        click.echo(secret)
+        click.echo(f"(tenant '{tenant}', principal '{principal}', role {r.label}; "
+                   "shown only now)", err=True)
+
+
+@click.group()
+def hub() -> None:
+    """The hub daemon."""
+
+
+@hub.command("run")
+@home_option
+@click.option("--listen", default=None, help="HOST:PORT of the operator API (port 0: any "
+              "free port); default from config.toml [hub] listen.")
+def hub_run(home: Path, listen: str | None) -> None:
+    """Run the hub daemon until SIGTERM or SIGINT."""
+    run_daemon(home, lambda cfg: run_hub(cfg, listen or cfg.hub.listen))
+
+
+def _iso(ms: int) -> str | None:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds") if ms else None
+
+
+def agent_json(a: wire_pb2.Agent) -> dict[str, Any]:
+    """The JSON shape of an agent that `--json` prints."""
+    return {
+        "agent_id": a.agent_id, "spoke": a.spoke, "tenant": a.tenant,
+        "workspace": a.workspace, "template": a.template, "task": a.task,
+        "principal": a.principal,
+        "state": wire_pb2.AgentState.Name(a.state).removeprefix("AGENT_STATE_"),
+        "exit_code": a.exit_code if a.HasField("exit_code") else None,
+        "created_at": _iso(a.created_at_ms), "started_at": _iso(a.started_at_ms),
+        "ended_at": _iso(a.ended_at_ms), "reason": a.reason,
+    }
+
+
+def _agent_line(a: dict[str, Any]) -> str:
+    exit_code = "-" if a["exit_code"] is None else str(a["exit_code"])
+    return (f"{a['agent_id']}  {a['spoke']:<10} {a['tenant']}/{a['workspace']:<12} "
+            f"{a['template']:<8} {a['state']:<9} exit={exit_code:<4} {a['reason']}")
+
+
+def _agent_text(a: dict[str, Any]) -> str:
+    return "\n".join(f"{k:<11} {'-' if v is None or v == '' else v}" for k, v in a.items())
+
+
+def _with_hub(hub_addr: str, tok: str, fn: Callable[[HubClient], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with HubClient(hub_addr, tok) as client:
+            return await fn(client)
+    return asyncio.run(go())
+
+
+def hub_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--hub", "hub_addr", envvar="FLEETWIRE_HUB", default="",
+                     help="The hub's operator address HOST:PORT (or FLEETWIRE_HUB).")(f)
+    return click.option("--token", "tok", envvar="FLEETWIRE_TOKEN", default="",
+                        help="Operator token (or FLEETWIRE_TOKEN).")(f)
+
+
+@click.group()
+def agent() -> None:
+    """Spawn, query, list and kill agents through the hub."""
+
+
+@agent.command("spawn")
+@hub_options
+@click.option("--spoke", required=True)
+@click.option("--workspace", required=True)
+@click.option("--template", required=True)
+@click.option("--task", default="")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A value for a parameter the template declares (repeatable).")
+@json_option
+def agent_spawn(hub_addr: str, tok: str, spoke: str, workspace: str, template: str,
+                task: str, params: tuple[str, ...], as_json: bool) -> None:
+    """Spawn an agent from a template on a spoke."""
+    values: dict[str, str] = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"--param '{item}' is not KEY=VALUE")
+        values[key] = value
+    a = agent_json(_with_hub(hub_addr, tok, lambda c: c.spawn(
+        spoke=spoke, workspace=workspace, template=template, task=task, params=values)))
+    click.echo(json.dumps(a, indent=2) if as_json else _agent_text(a))
+
+
+@agent.command("status")
+@hub_options
+@click.argument("agent_id")
+@json_option
+def agent_status(hub_addr: str, tok: str, agent_id: str, as_json: bool) -> None:
+    """Show one agent, asked of its spoke."""
+    a = agent_json(_with_hub(hub_addr, tok, lambda c: c.status(agent_id)))
+    click.echo(json.dumps(a, indent=2) if as_json else _agent_text(a))
+
+
+@agent.command("list")
+@hub_options
+@click.option("--spoke", default="")
+@click.option("--workspace", default="")
+@json_option
+def agent_list(hub_addr: str, tok: str, spoke: str, workspace: str, as_json: bool) -> None:
+    """List the agents of the token's tenant, asked of the spokes."""
+    resp = _with_hub(hub_addr, tok, lambda c: c.list(spoke=spoke, workspace=workspace))
+    rows = [agent_json(a) for a in resp.agents]
+    for name in resp.unreachable_spokes:
+        click.echo(f"warning: spoke '{name}' is unreachable; its agents are not listed",
+                   err=True)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo("\n".join(_agent_line(a) for a in rows) or "no agents")
+
+
+@agent.command("kill")
+@hub_options
+@click.argument("agent_id")
+@click.option("--grace", type=click.FloatRange(min=0), default=None,
+              help="Seconds between SIGTERM and SIGKILL (default: the template's).")
+@json_option
+def agent_kill(hub_addr: str, tok: str, agent_id: str, grace: float | None,
+               as_json: bool) -> None:
+    """Kill an agent and everything it started; prints its final state."""
+    grace_ms = None if grace is None else int(grace * 1000)
+    a = agent_json(_with_hub(hub_addr, tok, lambda c: c.kill(agent_id, grace_ms)))
+    click.echo(json.dumps(a, indent=2) if as_json else _agent_text(a))
+
+
+@click.command()
+@click.option("--keep", is_flag=True, help="Keep the temporary folder for a look afterwards.")
+def demo(keep: bool) -> None:
+    """Build a local federation (one hub, two spokes, two tenants) and walk through it."""
+    from hub.demo import run_demo
+
+    run_demo(keep=keep)
+
+
+def register(root: click.Group) -> None:
+    for cmd in (token, hub, agent, demo):
+        root.add_command(cmd)

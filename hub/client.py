@@ -1,0 +1,64 @@
+"""The operator's client of the hub API, used by `fleetwire agent ...` and the demo."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import grpc
+
+from shared.config import KeepAliveConfig
+from shared.errors import FleetwireError, InvalidArgument, from_rpc_error
+from shared.pb.v1 import operator_pb2, operator_pb2_grpc, wire_pb2
+from shared.peers import check_address
+from shared.rpc import open_channel
+
+CALL_TIMEOUT_SECONDS = 60.0
+
+
+class HubClient:
+    def __init__(self, address: str, token: str) -> None:
+        if not address:
+            raise InvalidArgument("no hub address; pass --hub HOST:PORT or set FLEETWIRE_HUB")
+        if not token:
+            raise InvalidArgument("no operator token; pass --token or set FLEETWIRE_TOKEN")
+        self._address = check_address(address)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._channel = open_channel(address, KeepAliveConfig())
+        self._stub = operator_pb2_grpc.OperatorServiceStub(self._channel)
+
+    async def __aenter__(self) -> HubClient:
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None
+                        ) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: str, request: object, timeout: float) -> object:
+        try:
+            return await getattr(self._stub, method)(
+                request, metadata=self._metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            err: FleetwireError = from_rpc_error(exc, target=f"the hub at {self._address}")
+            raise err from None
+
+    async def spawn(self, *, spoke: str, workspace: str, template: str, task: str,
+                    params: dict[str, str]) -> wire_pb2.Agent:
+        req = operator_pb2.SpawnAgentRequest(spoke=spoke, workspace=workspace,
+                                             template=template, task=task, params=params)
+        return await self._call("SpawnAgent", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+
+    async def status(self, agent_id: str) -> wire_pb2.Agent:
+        req = operator_pb2.GetAgentRequest(agent_id=agent_id)
+        return await self._call("GetAgent", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+
+    async def list(self, *, spoke: str = "", workspace: str = ""
+                   ) -> operator_pb2.ListAgentsResponse:
+        req = operator_pb2.ListAgentsRequest(spoke=spoke, workspace=workspace)
+        return await self._call("ListAgents", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+
+    async def kill(self, agent_id: str, grace_ms: int | None = None) -> wire_pb2.Agent:
+        req = operator_pb2.KillAgentRequest(agent_id=agent_id)
+        if grace_ms is not None:
+            req.grace_ms = grace_ms
+        timeout = CALL_TIMEOUT_SECONDS + (grace_ms or 0) / 1000
+        return await self._call("KillAgent", req, timeout)  # type: ignore[return-value]
