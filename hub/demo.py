@@ -1,0 +1,269 @@
+"""`fleetwire demo` and the local federation it builds: one hub, two spokes, two tenants,
+on loopback, in a temporary folder, driven through the real command line.
+
+The integration tests build their federations with the same LocalFederation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spoke import procfs
+
+FLEETWIRE = [sys.executable, "-m", "shared.cli"]
+READY_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass
+class Daemon:
+    role: str
+    name: str
+    home: Path
+    proc: subprocess.Popen[str]
+    address: str
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then wait; SIGKILL only if it does not stop in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+@dataclass
+class LocalFederation:
+    """Instances under one folder, made and run with the `fleetwire` command line."""
+
+    root: Path
+    echo: Callable[[str], None] | None = None
+    daemons: list[Daemon] = field(default_factory=list)
+    homes: dict[str, Path] = field(default_factory=dict)
+
+    def cli(self, *args: str, check: bool = True, show: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `fleetwire ARGS`; show it in the transcript; raise if check and it fails."""
+        shown = " ".join(shlex.quote(a) for a in args).replace(str(self.root) + "/", "")
+        if self.echo and show:
+            self.echo(f"$ fleetwire {shown}")
+        result = subprocess.run([*FLEETWIRE, *args], capture_output=True, text=True,
+                                env={**os.environ, **(env or {})}, timeout=120)
+        if self.echo and show:
+            for line in (result.stdout + result.stderr).strip().splitlines():
+                self.echo(f"  {line}")
+            if result.returncode:
+                self.echo(f"  (exit code {result.returncode})")
+        if check and result.returncode != 0:
+            raise RuntimeError(f"fleetwire {shown} failed ({result.returncode}): "
+                               f"{result.stderr.strip()}")
+        return result
+
+    def init(self, name: str) -> Path:
+        home = self.root / name
+        self.cli("init", "--home", str(home), "--name", name)
+        self.homes[name] = home
+        return home
+
+    def public_key(self, name: str) -> str:
+        out = self.cli("identity", "show", "--home", str(self.homes[name]), "--json",
+                       show=False).stdout
+        return str(json.loads(out)["public_key"])
+
+    def trust(self, truster: str, peer: str, address: str = "") -> None:
+        args = ["peer", "add", "--home", str(self.homes[truster]), "--name", peer,
+                "--public-key", self.public_key(peer)]
+        self.cli(*args, *(["--address", address] if address else []))
+
+    def start(self, role: str, name: str, listen: str = "127.0.0.1:0") -> Daemon:
+        """Start `fleetwire ROLE run` and wait for its ready line."""
+        home = self.homes[name]
+        log = open(home / f"{role}.log", "a")  # noqa: SIM115 (kept open by the child)
+        proc = subprocess.Popen(
+            [*FLEETWIRE, role, "run", "--home", str(home), "--listen", listen],
+            stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        log.close()
+        address = _read_ready_line(proc, home / f"{role}.log")
+        daemon = Daemon(role=role, name=name, home=home, proc=proc, address=address)
+        self.daemons.append(daemon)
+        if self.echo:
+            self.echo(f"  {role} '{name}' serving on {address}")
+        return daemon
+
+    def agent_processes(self, name: str) -> list[procfs.ProcStat]:
+        """Live processes started by agents of spoke `name` (by their env marker)."""
+        marker = f"FLEETWIRE_SPOKE={name}".encode()
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                environ = Path(entry.path, "environ").read_bytes()
+            except OSError:
+                continue
+            if marker in environ.split(b"\0"):
+                st = procfs.read_stat(int(entry.name))
+                if st is not None and st.alive:
+                    found.append(st)
+        return found
+
+    def close(self) -> None:
+        """Stop every daemon and kill anything their agents left running."""
+        for daemon in reversed(self.daemons):
+            daemon.stop()
+        self.daemons.clear()
+        for name in self.homes:
+            for proc in self.agent_processes(name):
+                procfs.signal_process(proc, signal.SIGKILL)
+
+
+def _read_ready_line(proc: subprocess.Popen[str], log_path: Path) -> str:
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            if sel.select(timeout=deadline - time.monotonic()):
+                line = proc.stdout.readline()
+                if " listening on " in line:
+                    return line.strip().rsplit(" ", 1)[1]
+                if not line:
+                    break
+    finally:
+        sel.close()
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"daemon did not become ready; its log:\n{log_path.read_text()[-2000:]}")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
+             interval: float = 0.1) -> None:
+    """Poll a condition until it holds; raise naming what did not happen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def run_demo(*, keep: bool = False) -> None:
+    """The scripted walk-through behind `fleetwire demo`; exits non-zero if a step fails."""
+    root = Path(tempfile.mkdtemp(prefix="fleetwire-demo-"))
+    fed = LocalFederation(root=root, echo=print)
+    step = 0
+
+    def title(text: str) -> None:
+        nonlocal step
+        step += 1
+        print(f"\n== {step}. {text}", flush=True)
+
+    try:
+        title(f"Create one hub and two spokes under {root}")
+        for name in ("hub", "spoke-a", "spoke-b"):
+            fed.init(name)
+
+        title("Tenants and workspaces: acme (research) and globex (ops), on every instance")
+        for name in fed.homes:
+            for tenant in ("acme", "globex"):
+                fed.cli("tenant", "create", "--home", str(fed.homes[name]), tenant)
+        for spoke in ("spoke-a", "spoke-b"):
+            home = str(fed.homes[spoke])
+            fed.cli("workspace", "create", "--home", home, "--tenant", "acme", "research")
+            fed.cli("workspace", "create", "--home", home, "--tenant", "globex", "ops")
+
+        title("Each spoke trusts the hub's key and grants it both tenants")
+        for spoke in ("spoke-a", "spoke-b"):
+            fed.trust(spoke, "hub")
+            for tenant in ("acme", "globex"):
+                fed.cli("grant", "add", "--home", str(fed.homes[spoke]), "--peer", "hub",
+                        "--tenant", tenant)
+
+        title("Start the spokes, then tell the hub where they are")
+        for spoke in ("spoke-a", "spoke-b"):
+            daemon = fed.start("spoke", spoke)
+            fed.trust("hub", spoke, address=daemon.address)
+
+        title("Start the hub and make one operator token per tenant")
+        hub = fed.start("hub", "hub")
+        tokens = {}
+        for tenant in ("acme", "globex"):
+            out = fed.cli("token", "create", "--home", str(fed.homes["hub"]), "--tenant",
+                          tenant, "--principal", f"{tenant}-ops", "--json").stdout
+            tokens[tenant] = json.loads(out)["token"]
+        acme = {"FLEETWIRE_HUB": hub.address, "FLEETWIRE_TOKEN": tokens["acme"]}
+        globex = {"FLEETWIRE_HUB": hub.address, "FLEETWIRE_TOKEN": tokens["globex"]}
+        print("  (agent commands below read FLEETWIRE_HUB and FLEETWIRE_TOKEN: acme's token "
+              "unless marked [globex])")
+
+        def agent(*args: str, env: dict[str, str], check: bool = True,
+                  label: str = "") -> subprocess.CompletedProcess[str]:
+            if label:
+                print(f"  [{label}]")
+            return fed.cli("agent", *args, env=env, check=check)
+
+        title("Spawn two acme agents: a short one on spoke-a, a long one on spoke-b")
+        short = json.loads(agent("spawn", "--spoke", "spoke-a", "--workspace", "research",
+                                 "--template", "demo", "--task", "summarize",
+                                 "--param", "steps=4", "--param", "interval=0.2", "--json",
+                                 env=acme).stdout)
+        long = json.loads(agent("spawn", "--spoke", "spoke-b", "--workspace", "research",
+                                "--template", "demo", "--task", "crawl",
+                                "--param", "steps=100000", "--json", env=acme).stdout)
+
+        title("Status of the short agent, asked until it has finished")
+
+        def finished() -> bool:
+            out = agent("status", short["agent_id"], "--json", env=acme, check=True).stdout
+            return json.loads(out)["state"] == "SUCCEEDED"
+
+        wait_for(finished, 30, "the short agent to succeed", interval=0.5)
+
+        title("List acme's agents across both spokes")
+        agent("list", env=acme)
+
+        title("globex cannot see acme's agent: status and kill answer NOT_FOUND (exit 3)")
+        for args in (("status", long["agent_id"]), ("kill", long["agent_id"])):
+            result = agent(*args, env=globex, check=False, label="globex")
+            if result.returncode != 3:
+                raise RuntimeError(f"globex {args[0]} answered {result.returncode}, not 3")
+        agent("list", env=globex, label="globex")
+
+        title("Kill the long agent while it runs; nothing of it is left")
+        killed = json.loads(agent("kill", long["agent_id"], "--grace", "3", "--json",
+                                  env=acme).stdout)
+        if killed["state"] != "KILLED" or fed.agent_processes("spoke-b"):
+            raise RuntimeError("the long agent was not killed cleanly")
+        print("  no process of the agent is left on spoke-b")
+
+        title("Final list")
+        agent("list", env=acme)
+
+        title("Stop the daemons and clean up")
+        fed.close()
+        print("  daemons stopped")
+    finally:
+        fed.close()
+        if keep:
+            print(f"\nkept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    print("\ndemo finished: every step succeeded")
+
