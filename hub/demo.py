@@ -12,6 +12,7 @@ import selectors
 import shlex
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -63,8 +64,7 @@ class LocalFederation:
         shown = " ".join(shlex.quote(a) for a in args).replace(str(self.root) + "/", "")
         if self.echo and show:
             self.echo(f"$ fleetwire {shown}")
-        result = subprocess.run([*FLEETWIRE, *args], capture_output=True, text=True,
-                                env={**os.environ, **(env or {})}, timeout=120)
+        result = self.run_cli(list(args), env or {})
         if self.echo and show:
             for line in (result.stdout + result.stderr).strip().splitlines():
                 self.echo(f"  {line}")
@@ -74,6 +74,10 @@ class LocalFederation:
             raise RuntimeError(f"fleetwire {shown} failed ({result.returncode}): "
                                f"{result.stderr.strip()}")
         return result
+
+    def run_cli(self, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*FLEETWIRE, *args], capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=120)
 
     def init(self, name: str) -> Path:
         home = self.root / name
@@ -106,18 +110,26 @@ class LocalFederation:
             self.echo(f"  {role} '{name}' serving on {address}")
         return daemon
 
+    def agent_ids(self, name: str) -> list[str]:
+        """Every agent id spoke `name` has recorded (read-only look at its state.db)."""
+        db = self.homes[name] / "state.db"
+        if not db.exists():
+            return []
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return [row[0] for row in conn.execute("SELECT agent_id FROM agents")]
+
     def agent_processes(self, name: str) -> list[procfs.ProcStat]:
-        """Live processes started by agents of spoke `name` (by their env marker)."""
-        marker = f"FLEETWIRE_SPOKE={name}".encode()
+        """Live processes of spoke `name`'s agents, found by their id marker."""
+        markers = {f"{procfs.AGENT_ENV}={i}".encode() for i in self.agent_ids(name)}
         found = []
         for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
+            if not markers or not entry.name.isdigit():
                 continue
             try:
                 environ = Path(entry.path, "environ").read_bytes()
             except OSError:
                 continue
-            if marker in environ.split(b"\0"):
+            if markers.intersection(environ.split(b"\0")):
                 st = procfs.read_stat(int(entry.name))
                 if st is not None and st.alive:
                     found.append(st)

@@ -187,13 +187,19 @@ def run_daemon(home: Path, runner: Callable[[Config], Awaitable[None]]) -> None:
     asyncio.run(runner(cfg))
 
 
-def main() -> None:
+def build_cli() -> click.Group:
+    """The whole command line: the shared commands plus the hub's and the spoke's."""
     from hub.cli import register as register_hub
     from spoke.cli import register as register_spoke
 
-    register_hub(root)
-    register_spoke(root)
-    root(prog_name="fleetwire")
+    if "hub" not in root.commands:
+        register_hub(root)
+        register_spoke(root)
+    return root
+
+
+def main() -> None:
+    build_cli()(prog_name="fleetwire")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ class Scope:
     # Workspaces the sender may see in this tenant; None means all of them.
     allowed_workspaces: frozenset[str] | None = None
     peer: str = ""
+    # Set when the principal's role was lowered to what the sender's grant allows.
+    role_note: str = ""
 
     def sees_workspace(self, workspace: str) -> bool:
         if self.workspace is not None and workspace != self.workspace:
@@ -115,10 +117,12 @@ def role_allows(role: Role, action: Action, *, owns_target: bool = True) -> bool
     return not (action is Action.KILL and role is Role.OPERATOR and not owns_target)
 
 
-def require_role(principal: Principal, action: Action, *, owns_target: bool = True) -> None:
+def require_role(principal: Principal, action: Action, *, owns_target: bool = True,
+                 note: str = "") -> None:
+    """Raise PermissionDenied naming who, what, and (note) why the role is what it is."""
     if not role_allows(principal.role, action, owns_target=owns_target):
         what = action.value + ("" if owns_target else " an agent another principal spawned")
         raise PermissionDenied(
             f"principal '{principal.name}' with role {principal.role.label} may not "
-            f"{what}; ask an admin of the tenant"
+            f"{what}" + (f" ({note})" if note else "; ask an admin of the tenant")
         )

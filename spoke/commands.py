@@ -109,16 +109,15 @@ class SpokeCommands:
                     raise hidden()
             else:
                 limit = max(grant.roles.values())
-        role = Role.from_wire(command.principal.role)
-        principal = Principal(name=command.principal.name or "unknown", role=role)
-        if role > limit:
-            raise PermissionDenied(
-                f"hub '{peer}' asserts role {role.label} but its grant here allows at most "
-                f"{limit.label}; ask the spoke's operator to widen the grant"
-            )
-        require_role(principal, action)
+        asserted = Role.from_wire(command.principal.role)
+        # The hub's claim never exceeds what this spoke granted it.
+        principal = Principal(name=command.principal.name or "unknown",
+                              role=min(asserted, limit))
+        note = (f"hub '{peer}' asserts role {asserted.label}, its grant on this spoke allows "
+                f"at most {limit.label}") if asserted > limit else ""
+        require_role(principal, action, note=note)
         scope = Scope(tenant=command.tenant, workspace=workspace, principal=principal,
-                      allowed_workspaces=grant.workspaces, peer=peer)
+                      allowed_workspaces=grant.workspaces, peer=peer, role_note=note)
         return scope, target
 
     async def _act(self, command: wire_pb2.Command, target: _Target) -> wire_pb2.Response:
@@ -186,8 +185,10 @@ class SpokeCommands:
         return to_wire(agent)
 
     async def _kill(self, agent: models.Agent, req: wire_pb2.KillAgent) -> wire_pb2.Agent:
-        principal = current_scope().principal
-        require_role(principal, Action.KILL, owns_target=agent.principal == principal.name)
+        scope = current_scope()
+        principal = scope.principal
+        require_role(principal, Action.KILL, owns_target=agent.principal == principal.name,
+                     note=scope.role_note)
         grace_ms = req.grace_ms if req.HasField("grace_ms") else agent.grace_ms
         if grace_ms > self._cfg.spoke.max_grace_seconds * 1000:
             raise InvalidArgument(

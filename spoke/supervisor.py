@@ -60,6 +60,8 @@ class _Running:
     kill_reason: str = ""
     timed_out: bool = False
     escalated: bool = False
+    # The running SIGTERM/grace/SIGKILL sequence, if one was started.
+    terminator: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task[None] | None = None
 
@@ -111,8 +113,12 @@ class AgentSupervisor:
                                    timeout=run.spec.max_runtime_seconds)
         except TimeoutError:
             run.timed_out = True
-            await self._terminate(run, run.spec.grace_seconds)
+            self._terminate(run, run.spec.grace_seconds)
         code = await run.proc.wait()
+        if run.terminator is not None:
+            # The first process may die before the sequence ends; let it finish so the
+            # record says whether SIGKILL was needed.
+            await run.terminator
         # Like a service manager: when the agent's first process is gone, what it left
         # behind goes too.
         await asyncio.to_thread(self._sweep, run.spec.agent_id, run.launched)
@@ -147,12 +153,18 @@ class AgentSupervisor:
             return
         if not run.kill_reason:
             run.kill_reason = reason
-            await self._terminate(run, grace_seconds)
+            self._terminate(run, grace_seconds)
         await run.done.wait()
 
-    async def _terminate(self, run: _Running, grace_seconds: float) -> None:
-        run.escalated = await terminate_processes(
-            run.spec.agent_id, run.launched, grace_seconds)
+    def _terminate(self, run: _Running, grace_seconds: float) -> None:
+        if run.terminator is not None:
+            return
+
+        async def sequence() -> None:
+            run.escalated = await terminate_processes(
+                run.spec.agent_id, run.launched, grace_seconds)
+
+        run.terminator = asyncio.create_task(sequence())
 
     def _sweep(self, agent_id: str, launched: Launched) -> None:
         left = procfs.agent_processes(launched.pid, launched.start_time, agent_id)

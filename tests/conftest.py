@@ -1,0 +1,133 @@
+"""Fixtures that build real federations: daemons are real processes on loopback port 0."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from click.testing import CliRunner
+
+from hub.demo import Daemon, LocalFederation
+from shared.cli import build_cli
+
+AGENTS = Path(__file__).parent / "agents"
+
+TEST_TEMPLATES = f'''
+[templates.sleeper]
+description = "Sleeps until killed; exits 0 on SIGTERM"
+argv = ["{{python}}", "-m", "spoke.demo_agent", "--task", "{{task}}", "--steps", "100000", "--interval", "0.2"]
+grace_seconds = 2
+
+[templates.stubborn]
+argv = ["{{python}}", "{AGENTS / 'stubborn.py'}"]
+grace_seconds = 1
+
+[templates.exit-with]
+argv = ["{{python}}", "{AGENTS / 'exit_with.py'}", "{{code}}", "{{task}}"]
+params = {{ code = "0" }}
+
+[templates.short-lived]
+argv = ["{{python}}", "-c", "import time; time.sleep(60)"]
+max_runtime_seconds = 1
+grace_seconds = 1
+
+[templates.missing-binary]
+argv = ["/nonexistent/fleetwire-test-binary"]
+'''
+
+
+class InProcessFederation(LocalFederation):
+    """Runs set-up commands in this process (fast); daemons are still real processes."""
+
+    def run_cli(self, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        result = CliRunner().invoke(build_cli(), args, env=env, catch_exceptions=False)
+        return subprocess.CompletedProcess(args, result.exit_code, result.stdout,
+                                           result.stderr)
+
+
+@dataclass
+class Federation:
+    """A running hub with spokes, tenants acme (research, lab) and globex (ops)."""
+
+    fed: LocalFederation
+    hub: Daemon
+    spokes: dict[str, Daemon]
+    tokens: dict[str, str]
+
+    @property
+    def root(self) -> Path:
+        return self.fed.root
+
+    def home(self, name: str) -> Path:
+        return self.fed.homes[name]
+
+    def agent_workdir(self, spoke: str, tenant: str, workspace: str, agent_id: str) -> Path:
+        return self.home(spoke) / "workspaces" / tenant / workspace / "agents" / agent_id
+
+    def agent_env(self, token_name: str) -> dict[str, str]:
+        return {"FLEETWIRE_HUB": self.hub.address, "FLEETWIRE_TOKEN": self.tokens[token_name]}
+
+    def token(self, tenant: str, *, principal: str, role: str) -> str:
+        out = self.fed.cli("token", "create", "--home", str(self.home(self.hub.name)),
+                           "--tenant", tenant, "--principal", principal, "--role", role,
+                           "--json").stdout
+        return str(json.loads(out)["token"])
+
+    def add_spoke(self, name: str, *, tenants: dict[str, list[str]],
+                  hub_address: str | None = None, start: bool = True) -> Daemon | None:
+        """Create, configure and (optionally) start one more spoke known to the hub."""
+        fed = self.fed
+        home = fed.init(name)
+        with open(home / "config.toml", "a") as f:
+            f.write(TEST_TEMPLATES)
+        for tenant, workspaces in tenants.items():
+            fed.cli("tenant", "create", "--home", str(home), tenant)
+            for ws in workspaces:
+                fed.cli("workspace", "create", "--home", str(home), "--tenant", tenant, ws)
+        fed.trust(name, self.hub.name)
+        for tenant in tenants:
+            fed.cli("grant", "add", "--home", str(home), "--peer", self.hub.name,
+                    "--tenant", tenant)
+        if not start:
+            return None
+        daemon = fed.start("spoke", name)
+        fed.trust(self.hub.name, name, address=hub_address or daemon.address)
+        self.spokes[name] = daemon
+        return daemon
+
+
+def build_federation(root: Path) -> Iterator[Federation]:
+    suffix = secrets.token_hex(2)
+    fed = InProcessFederation(root=root)
+    try:
+        hub_name = f"hub-{suffix}"
+        fed.init(hub_name)
+        for tenant in ("acme", "globex"):
+            fed.cli("tenant", "create", "--home", str(fed.homes[hub_name]), tenant)
+        hub = fed.start("hub", hub_name)
+        federation = Federation(fed=fed, hub=hub, spokes={}, tokens={})
+        for spoke in ("spoke-a", "spoke-b"):
+            federation.add_spoke(spoke, tenants={"acme": ["research", "lab"],
+                                                 "globex": ["ops"]})
+        federation.tokens = {
+            "acme": federation.token("acme", principal="alice", role="operator"),
+            "acme-bob": federation.token("acme", principal="bob", role="operator"),
+            "acme-viewer": federation.token("acme", principal="vera", role="viewer"),
+            "acme-admin": federation.token("acme", principal="ada", role="admin"),
+            "globex": federation.token("globex", principal="gina", role="admin"),
+        }
+        yield federation
+    finally:
+        fed.close()
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """One federation for the whole session: hub, spoke-a, spoke-b, five tokens."""
+    yield from build_federation(tmp_path_factory.mktemp("federation"))
