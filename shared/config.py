@@ -15,8 +15,9 @@ from typing import Any
 
 from shared.errors import InvalidArgument
 
-SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# \Z, not $: $ also matches before a trailing newline.
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 PLACEHOLDER_RE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 # Placeholders a template may use besides its own params.
 BUILTIN_PLACEHOLDERS = frozenset({"python", "task", "agent_id", "tenant", "workspace", "workdir"})
@@ -142,7 +143,8 @@ def _table(cls: type[Any], data: Any, where: str, **extra: Any) -> Any:
             value = tuple(value)
         elif expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        elif expected is not None and not isinstance(value, expected):
+        elif expected is not None and (not isinstance(value, expected)
+                                       or (expected is not bool and isinstance(value, bool))):
             raise InvalidArgument(f"{where}.{key}: must be {expected.__name__}")
         values[key] = value
     return cls(**values, **extra)
@@ -158,6 +160,9 @@ def _template(name: str, data: Any) -> TemplateConfig:
         raise InvalidArgument(f"{where}.argv: must be a non-empty list of strings")
     params = data.get("params", {})
     env = data.get("env", {})
+    shadowed = sorted(set(params) & BUILTIN_PLACEHOLDERS) if isinstance(params, dict) else []
+    if shadowed:
+        raise InvalidArgument(f"{where}.params: {', '.join(shadowed)} is a built-in placeholder")
     for key, table in (("params", params), ("env", env)):
         if not isinstance(table, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in table.items()
@@ -178,6 +183,15 @@ def _template(name: str, data: Any) -> TemplateConfig:
     return tpl
 
 
+def _check_positive(sections: dict[str, Any]) -> None:
+    """Durations, counts and sizes must be positive: a zero skew would refuse everything."""
+    for section, value in sections.items():
+        for f in fields(value):
+            v = getattr(value, f.name)
+            if isinstance(v, int | float) and not isinstance(v, bool) and v <= 0:
+                raise InvalidArgument(f"{section}.{f.name}: must be greater than 0")
+
+
 def load_config(home: Path) -> Config:
     """Read <home>/config.toml; raise InvalidArgument naming the bad key."""
     path = home / "config.toml"
@@ -191,7 +205,12 @@ def load_config(home: Path) -> Config:
         raise InvalidArgument(f"{path}: not valid TOML: {exc}") from None
     try:
         instance = data.pop("instance", {})
-        name = instance.get("name") if isinstance(instance, dict) else None
+        if not isinstance(instance, dict):
+            raise InvalidArgument("[instance] must be a table")
+        for key in instance:
+            if key != "name":
+                raise InvalidArgument(f"instance.{key}: unknown key")
+        name = instance.get("name")
         if not isinstance(name, str):
             raise InvalidArgument("instance.name: required string")
         check_name("instance.name", name)
@@ -203,7 +222,11 @@ def load_config(home: Path) -> Config:
         for key, cls in sections.items():
             if key in data:
                 built[key] = _table(cls, data.pop(key), key)
-        templates = {n: _template(n, t) for n, t in data.pop("templates", {}).items()}
+        raw_templates = data.pop("templates", {})
+        if not isinstance(raw_templates, dict):
+            raise InvalidArgument("[templates] must be a table of [templates.NAME] tables")
+        templates = {n: _template(n, t) for n, t in raw_templates.items()}
+        _check_positive(built)
         if data:
             raise InvalidArgument(f"{', '.join(sorted(data))}: unknown section")
     except InvalidArgument as exc:

@@ -25,7 +25,8 @@ class MessageMemory:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
-        self._inflight: dict[tuple[str, str], asyncio.Lock] = {}
+        # Per message id in flight: its lock and how many calls hold or await it.
+        self._inflight: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
 
     async def once(
         self, opened: OpenedEnvelope, handle: Callable[[], Awaitable[bytes]]
@@ -34,7 +35,8 @@ class MessageMemory:
         env = opened.envelope
         key = (env.sender, env.message_id)
         digest = hashlib.sha256(opened.raw).hexdigest()
-        lock = self._inflight.setdefault(key, asyncio.Lock())
+        lock, users = self._inflight.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
         try:
             async with lock:
                 async with self._sessions() as session, session.begin():
@@ -78,8 +80,9 @@ class MessageMemory:
                         .values(response=answer))
                 return answer
         finally:
-            if not lock.locked():
-                self._inflight.pop(key, None)
+            users[0] -= 1
+            if users[0] == 0:
+                del self._inflight[key]
 
     async def forget_older_than(self, cutoff_ms: int) -> int:
         """Drop ids received before cutoff_ms (only ever past the skew window)."""

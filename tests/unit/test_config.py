@@ -146,12 +146,15 @@ def test_section_must_be_table(tmp_path: Path) -> None:
     "",
     "[instance]\n",
     "[instance]\nname = 5\n",
-    'instance = "node-1"\n',
     '[wire]\nmax_clock_skew_seconds = 60\n',
 ])
 def test_missing_instance_name(tmp_path: Path, text: str) -> None:
     msg = refused(tmp_path, text)
     assert "instance.name" in msg
+
+
+def test_instance_must_be_table(tmp_path: Path) -> None:
+    assert "[instance] must be a table" in refused(tmp_path, 'instance = "node-1"\n')
 
 
 def test_invalid_instance_name(tmp_path: Path) -> None:
@@ -243,33 +246,34 @@ def test_check_name_refuses(value: str) -> None:
     assert exc.value.message.startswith(f"principal '{value}' is not a valid name")
 
 
-# ---------------------------------------------------------------- known bugs (strict xfail)
+# ---------------------------------------------------------------- edge cases
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SLUG_RE/NAME_RE end in '$', which re.match "
-                   "lets match before a trailing newline (use fullmatch or \\Z)")
 @pytest.mark.parametrize("check", [check_slug, check_name])
 def test_trailing_newline_refused(check) -> None:
     with pytest.raises(InvalidArgument):
         check("tenant", "acme\n")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: keys in [instance] other than name are "
-                   "silently ignored instead of refused as unknown")
 def test_unknown_instance_key_refused(tmp_path: Path) -> None:
     msg = refused(tmp_path, MINIMAL + "nmae = 'typo'\n")
     assert "instance.nmae" in msg
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="BUG: a non-table `templates` value raises AttributeError, not "
-                   "InvalidArgument")
 def test_templates_must_be_table(tmp_path: Path) -> None:
     refused(tmp_path, 'templates = "demo"\n' + MINIMAL)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: bool is a subclass of int, so `true` is "
-                   "accepted for integer keys")
 def test_bool_refused_for_int_key(tmp_path: Path) -> None:
     msg = refused(tmp_path, MINIMAL + "[wire]\nmax_clock_skew_seconds = true\n")
     assert "wire.max_clock_skew_seconds: must be int" in msg
+
+
+def test_negative_duration_refused(tmp_path: Path) -> None:
+    msg = refused(tmp_path, MINIMAL + "[wire]\nmax_clock_skew_seconds = -5\n")
+    assert "wire.max_clock_skew_seconds: must be greater than 0" in msg
+
+
+def test_param_shadowing_builtin_refused(tmp_path: Path) -> None:
+    msg = refused(tmp_path, MINIMAL + '[templates.t]\nargv = ["x"]\nparams = { task = "a" }\n')
+    assert "templates.t.params: task is a built-in placeholder" in msg

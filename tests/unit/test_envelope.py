@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import replace
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -144,7 +145,6 @@ def test_signature_is_over_prefix_and_exact_bytes(hub: Identity) -> None:
     # Verifies over the domain-separated exact bytes (raises on failure) ...
     pub.verify(signed.signature, b"fleetwire/v1\x00" + signed.envelope)
     # ... and not over the bare bytes or another prefix.
-    from cryptography.exceptions import InvalidSignature
     with pytest.raises(InvalidSignature):
         pub.verify(signed.signature, signed.envelope)
     with pytest.raises(InvalidSignature):

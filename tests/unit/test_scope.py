@@ -77,24 +77,24 @@ def test_from_wire_refuses_unspecified_or_unknown(value: int) -> None:
 
 # ---------------------------------------------------------------- role_allows matrix
 
-V, O, A = Role.VIEWER, Role.OPERATOR, Role.ADMIN
+VIEW, OPER, ADM = Role.VIEWER, Role.OPERATOR, Role.ADMIN
 MATRIX = {
     # (role, action, owns_target): allowed
-    (V, Action.STATUS, True): True,
-    (V, Action.LIST, True): True,
-    (V, Action.SPAWN, True): False,
-    (V, Action.KILL, True): False,
-    (V, Action.KILL, False): False,
-    (O, Action.STATUS, True): True,
-    (O, Action.LIST, True): True,
-    (O, Action.SPAWN, True): True,
-    (O, Action.KILL, True): True,
-    (O, Action.KILL, False): False,
-    (A, Action.STATUS, True): True,
-    (A, Action.LIST, True): True,
-    (A, Action.SPAWN, True): True,
-    (A, Action.KILL, True): True,
-    (A, Action.KILL, False): True,
+    (VIEW, Action.STATUS, True): True,
+    (VIEW, Action.LIST, True): True,
+    (VIEW, Action.SPAWN, True): False,
+    (VIEW, Action.KILL, True): False,
+    (VIEW, Action.KILL, False): False,
+    (OPER, Action.STATUS, True): True,
+    (OPER, Action.LIST, True): True,
+    (OPER, Action.SPAWN, True): True,
+    (OPER, Action.KILL, True): True,
+    (OPER, Action.KILL, False): False,
+    (ADM, Action.STATUS, True): True,
+    (ADM, Action.LIST, True): True,
+    (ADM, Action.SPAWN, True): True,
+    (ADM, Action.KILL, True): True,
+    (ADM, Action.KILL, False): True,
 }
 
 
