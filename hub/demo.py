@@ -244,7 +244,7 @@ def run_demo(*, keep: bool = False) -> None:
 
         def finished() -> bool:
             out = agent("status", short["agent_id"], "--json", env=acme, check=True).stdout
-            return json.loads(out)["state"] == "SUCCEEDED"
+            return bool(json.loads(out)["state"] == "SUCCEEDED")
 
         wait_for(finished, 30, "the short agent to succeed", interval=0.5)
 

@@ -97,7 +97,9 @@ class HubOperator:
             extra_timeout=(grace_ms or 0) / 1000 + 10.0)
         return await self._seen(known.spoke, response.agent)
 
-    async def list(self, req: operator_pb2.ListAgentsRequest) -> operator_pb2.ListAgentsResponse:
+    async def list_agents(
+        self, req: operator_pb2.ListAgentsRequest
+    ) -> operator_pb2.ListAgentsResponse:
         require_role(current_scope().principal, Action.LIST)
         if req.workspace and not SLUG_RE.match(req.workspace):
             raise InvalidArgument(f"workspace '{req.workspace}' is not a valid slug")

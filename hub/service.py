@@ -66,7 +66,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     @_authorized
     async def ListAgents(self, request: operator_pb2.ListAgentsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> operator_pb2.ListAgentsResponse:
-        return await self._operator.list(request)
+        return await self._operator.list_agents(request)
 
     @_authorized
     async def KillAgent(self, request: operator_pb2.KillAgentRequest,  # noqa: N802

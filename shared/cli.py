@@ -9,7 +9,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -177,7 +177,7 @@ def workspace_create(home: Path, tenant_slug: str, slug: str) -> None:
     click.echo(f"created workspace '{slug}' in tenant '{tenant_slug}'")
 
 
-def run_daemon(home: Path, runner: Callable[[Config], Awaitable[None]]) -> None:
+def run_daemon(home: Path, runner: Callable[[Config], Coroutine[Any, Any, None]]) -> None:
     """Start a daemon: migrate its database, then serve until SIGTERM/SIGINT."""
     from shared.daemon import setup_logging
 

@@ -268,7 +268,8 @@ pass_env = ["PATH", "LANG", "LC_ALL", "TZ"]
 # and any declared in params (their values are defaults a spawn may override).
 [templates.demo]
 description = "Built-in demo agent: prints progress, exits 0 when done or on SIGTERM"
-argv = ["{{python}}", "-m", "spoke.demo_agent", "--task", "{{task}}", "--steps", "{{steps}}", "--interval", "{{interval}}"]
+argv = ["{{python}}", "-m", "spoke.demo_agent", "--task", "{{task}}",
+        "--steps", "{{steps}}", "--interval", "{{interval}}"]
 params = {{ steps = "20", interval = "0.5" }}
 grace_seconds = 5
 max_runtime_seconds = 3600

@@ -8,9 +8,8 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shared.config import Config
 from shared.envelope import now_ms

@@ -16,7 +16,7 @@ class FleetwireError(Exception):
 
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
     exit_code: int = 1
-    wire_code: int = wire_pb2.ERROR_CODE_INTERNAL
+    wire_code: wire_pb2.ErrorCode = wire_pb2.ERROR_CODE_INTERNAL
 
     def __init__(self, message: str, *, retry_after_ms: int = 0) -> None:
         super().__init__(message)

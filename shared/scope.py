@@ -66,7 +66,7 @@ class Principal:
     role: Role
 
     def to_wire(self) -> wire_pb2.Principal:
-        return wire_pb2.Principal(name=self.name, role=self.role.value)
+        return wire_pb2.Principal(name=self.name, role=f"ROLE_{self.role.name}")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from shared.errors import (
     Internal,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     not_found_agent,
     not_found_workspace,
     to_wire_error,
@@ -124,7 +123,7 @@ class SpokeCommands:
         if target.action is Action.SPAWN:
             return wire_pb2.Response(agent=await self._spawn(command.spawn))
         if target.action is Action.LIST:
-            agents = await self.agents.list()
+            agents = await self.agents.visible()
             return wire_pb2.Response(agents=wire_pb2.AgentList(agents=[to_wire(a) for a in agents]))
         agent = await self.agents.get(target.agent_id)
         if agent is None:

@@ -84,7 +84,9 @@ def agent_processes(root_pid: int, root_start: int, agent_id: str) -> list[ProcS
     if root is not None and root.start_time == root_start:
         members[root_pid] = root
     for s in stats:
-        if s.pid not in members and s.pid not in (me, 1) and s.ppid != 2 and _has_marker(s.pid, marker):
+        # ppid 2 is kthreadd: kernel threads have no environment to read.
+        candidate = s.pid not in members and s.pid not in (me, 1) and s.ppid != 2
+        if candidate and _has_marker(s.pid, marker):
             members[s.pid] = s
     by_parent: dict[int, list[ProcStat]] = {}
     for s in stats:

@@ -7,7 +7,7 @@ changes by agent id for the supervisor, which acts on agents it already owns.
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import models
@@ -23,7 +23,7 @@ def to_wire(agent: models.Agent) -> wire_pb2.Agent:
     msg = wire_pb2.Agent(
         agent_id=agent.agent_id, tenant=agent.tenant, workspace=agent.workspace,
         template=agent.template, task=agent.task, principal=agent.principal,
-        state=wire_pb2.AgentState.Value(f"AGENT_STATE_{agent.state}"),
+        state=f"AGENT_STATE_{agent.state}",
         created_at_ms=agent.created_at_ms, started_at_ms=agent.started_at_ms or 0,
         ended_at_ms=agent.ended_at_ms or 0, reason=agent.reason,
     )
@@ -36,7 +36,7 @@ class ScopedAgents:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
 
-    def _visible(self):  # type: ignore[no-untyped-def]
+    def _visible(self) -> Select[models.Agent]:
         scope = current_scope()
         query = select(models.Agent).where(models.Agent.tenant == scope.tenant)
         if scope.workspace is not None:
@@ -50,7 +50,7 @@ class ScopedAgents:
             return (await session.execute(
                 self._visible().where(models.Agent.agent_id == agent_id))).scalar_one_or_none()
 
-    async def list(self) -> list[models.Agent]:
+    async def visible(self) -> list[models.Agent]:
         async with self._sessions() as session:
             return list((await session.execute(
                 self._visible().order_by(models.Agent.created_at_ms))).scalars())

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from click.testing import CliRunner
 
 from hub.demo import Daemon, LocalFederation
@@ -21,7 +20,8 @@ AGENTS = Path(__file__).parent / "agents"
 TEST_TEMPLATES = f'''
 [templates.sleeper]
 description = "Sleeps until killed; exits 0 on SIGTERM"
-argv = ["{{python}}", "-m", "spoke.demo_agent", "--task", "{{task}}", "--steps", "100000", "--interval", "0.2"]
+argv = ["{{python}}", "-m", "spoke.demo_agent", "--task", "{{task}}",
+        "--steps", "100000", "--interval", "0.2"]
 grace_seconds = 2
 
 [templates.stubborn]

@@ -31,7 +31,7 @@ def test_agent_commands_print_json_and_exit_zero(federation: Federation) -> None
                         "--template", "sleeper", "--task", "cli", "--json", env=env)
     assert spawned.returncode == 0, spawned.stderr
     agent = json.loads(spawned.stdout)
-    assert AGENT_KEYS <= set(agent) and agent["state"] == "RUNNING"
+    assert set(agent) >= AGENT_KEYS and agent["state"] == "RUNNING"
     assert agent["exit_code"] is None and agent["started_at"] and agent["ended_at"] is None
 
     status = json.loads(fleetwire("agent", "status", agent["agent_id"], "--json",
@@ -41,7 +41,7 @@ def test_agent_commands_print_json_and_exit_zero(federation: Federation) -> None
     listed = json.loads(fleetwire("agent", "list", "--spoke", "spoke-b", "--workspace",
                                   "research", "--json", env=env).stdout)
     assert isinstance(listed, list) and agent["agent_id"] in {a["agent_id"] for a in listed}
-    assert all(AGENT_KEYS <= set(a) for a in listed)
+    assert all(set(a) >= AGENT_KEYS for a in listed)
 
     # Flags win over the environment.
     killed = fleetwire("agent", "kill", agent["agent_id"], "--grace", "2", "--json",
