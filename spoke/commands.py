@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -42,7 +43,7 @@ from shared.tenancy import workspace_exists
 from spoke import procfs
 from spoke.grants import tenant_grant
 from spoke.store import FINAL_STATES, AgentLedger, ScopedAgents, to_wire
-from spoke.supervisor import AgentSupervisor, Ending, Launched, LaunchSpec, terminate_processes
+from spoke.supervisor import AgentSupervisor, Ending, Launched, LaunchSpec
 from spoke.templates import MAX_TASK_CHARS, check_text, describe_templates, render_argv
 
 log = logging.getLogger(__name__)
@@ -199,33 +200,32 @@ class SpokeCommands:
             if self.supervisor.is_supervised(agent.agent_id):
                 await self.supervisor.kill(agent.agent_id, grace_ms / 1000, reason)
             else:
-                await self._kill_unsupervised(agent, grace_ms / 1000, reason)
+                # Live in the record but not supervised: recover() found it gone.
+                await self.ledger.ended(agent.agent_id, "LOST", None,
+                                        "the process was gone when the kill arrived")
         killed = await self.agents.get(agent.agent_id)
         assert killed is not None
         return to_wire(killed)
-
-    async def _kill_unsupervised(self, agent: models.Agent, grace: float, reason: str) -> None:
-        """An agent this spoke run did not start (it restarted since): kill it only if
-        its recorded pid still has its recorded start time."""
-        if agent.pid and agent.pid_start_time and procfs.is_same_process(
-                agent.pid, agent.pid_start_time):
-            escalated = await terminate_processes(
-                agent.agent_id, Launched(agent.pid, agent.pid_start_time), grace)
-            how = "SIGKILL after the grace period" if escalated else "SIGTERM"
-            await self.ledger.ended(agent.agent_id, "KILLED", None, f"{reason} ({how})")
-        else:
-            await self.ledger.ended(agent.agent_id, "LOST", None,
-                                    "the process was gone when the kill arrived")
 
     async def _record_ending(self, agent_id: str, ending: Ending) -> None:
         await self.ledger.ended(agent_id, ending.state, ending.exit_code, ending.reason)
 
     async def recover(self) -> None:
-        """At start-up: agents recorded live whose process is gone become LOST. Live ones
-        stay RUNNING and can still be killed (their pid and start time both match)."""
+        """At start-up: re-adopt agents whose recorded pid still has its recorded start
+        time; mark the others LOST. A pid whose start time differs is never touched."""
         for agent in await self.ledger.live():
-            alive = bool(agent.pid and agent.pid_start_time
-                         and procfs.is_same_process(agent.pid, agent.pid_start_time))
-            if not alive:
+            if not (agent.pid and agent.pid_start_time
+                    and procfs.is_same_process(agent.pid, agent.pid_start_time)):
                 await self.ledger.ended(agent.agent_id, "LOST", None,
                                         "the process was gone when the spoke restarted")
+                continue
+            template = self._cfg.templates.get(agent.template)
+            max_runtime = template.max_runtime_seconds if template else float("inf")
+            elapsed = (now_ms() - (agent.started_at_ms or agent.created_at_ms)) / 1000
+            spec = LaunchSpec(agent_id=agent.agent_id, argv=[], workdir=Path(agent.workdir),
+                              log_path=Path(agent.log_path), env={},
+                              max_runtime_seconds=max_runtime,
+                              grace_seconds=agent.grace_ms / 1000)
+            self.supervisor.adopt(spec, Launched(agent.pid, agent.pid_start_time),
+                                  runtime_left=max_runtime - elapsed)
+            log.info("re-adopted agent %s (pid %d)", agent.agent_id, agent.pid)

@@ -6,6 +6,7 @@ opened after the start time was checked, so it can only reach the process we mea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -78,10 +79,14 @@ def agent_processes(root_pid: int, root_start: int, agent_id: str) -> list[ProcS
     stats = _all_stats()
     me = os.getpid()
     # A pgrp/session id stays allocated while any member lives, so membership by these
-    # ids cannot hit an unrelated process even after the root's pid was recycled.
-    members = {s.pid: s for s in stats if s.pid != me and root_pid in (s.pgrp, s.session)}
+    # ids cannot hit an unrelated process even after the root's pid was recycled. Ids 0
+    # and 1 are never an agent's: 0 is what /proc shows for a session led outside this
+    # pid namespace, so matching it would take in unrelated processes.
+    by_group = root_pid > 1
+    members = {s.pid: s for s in stats
+               if by_group and s.pid != me and root_pid in (s.pgrp, s.session)}
     root = next((s for s in stats if s.pid == root_pid), None)
-    if root is not None and root.start_time == root_start:
+    if by_group and root is not None and root.start_time == root_start:
         members[root_pid] = root
     for s in stats:
         # ppid 2 is kthreadd: kernel threads have no environment to read.
@@ -98,6 +103,32 @@ def agent_processes(root_pid: int, root_start: int, agent_id: str) -> list[ProcS
                 members[child.pid] = child
                 frontier.append(child.pid)
     return list(members.values())
+
+
+async def wait_exit(pid: int, recorded_start: int) -> None:
+    """Wait until this process (pid and start time) has exited; works for non-children,
+    since a pidfd becomes readable when its process ends."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return
+    try:
+        if start_time(pid) != recorded_start:
+            return
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await gone
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
 
 
 def signal_process(proc: ProcStat, sig: signal.Signals) -> bool:

@@ -55,8 +55,10 @@ class Ending:
 @dataclass
 class _Running:
     spec: LaunchSpec
-    proc: asyncio.subprocess.Process
+    # None for an agent adopted after a restart: not our child, watched through /proc.
+    proc: asyncio.subprocess.Process | None
     launched: Launched
+    runtime_left: float
     kill_reason: str = ""
     timed_out: bool = False
     escalated: bool = False
@@ -100,8 +102,15 @@ class AgentSupervisor:
             # Already gone: the exit is still reaped by watch(); 0 marks "unknown".
             started = 0
         launched = Launched(pid=proc.pid, start_time=started)
-        self._running[spec.agent_id] = _Running(spec=spec, proc=proc, launched=launched)
+        self._running[spec.agent_id] = _Running(spec=spec, proc=proc, launched=launched,
+                                                runtime_left=spec.max_runtime_seconds)
         return launched
+
+    def adopt(self, spec: LaunchSpec, launched: Launched, runtime_left: float) -> None:
+        """Supervise an agent a previous spoke run started (pid and start time matched)."""
+        self._running[spec.agent_id] = _Running(spec=spec, proc=None, launched=launched,
+                                                runtime_left=max(runtime_left, 0.0))
+        self.watch(spec.agent_id)
 
     def watch(self, agent_id: str) -> None:
         run = self._running[agent_id]
@@ -109,12 +118,12 @@ class AgentSupervisor:
 
     async def _watch(self, run: _Running) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(run.proc.wait()),
-                                   timeout=run.spec.max_runtime_seconds)
+            await asyncio.wait_for(asyncio.shield(self._first_process_gone(run)),
+                                   timeout=run.runtime_left)
         except TimeoutError:
             run.timed_out = True
             self._terminate(run, run.spec.grace_seconds)
-        code = await run.proc.wait()
+        code = await self._first_process_gone(run)
         if run.terminator is not None:
             # The first process may die before the sequence ends; let it finish so the
             # record says whether SIGKILL was needed.
@@ -132,7 +141,15 @@ class AgentSupervisor:
             run.done.set()
 
     @staticmethod
-    def _ending(run: _Running, code: int) -> Ending:
+    async def _first_process_gone(run: _Running) -> int | None:
+        """The exit code of our child, or None for an adopted agent (not ours to reap)."""
+        if run.proc is not None:
+            return await run.proc.wait()
+        await procfs.wait_exit(run.launched.pid, run.launched.start_time)
+        return None
+
+    @staticmethod
+    def _ending(run: _Running, code: int | None) -> Ending:
         how = "SIGKILL after the grace period" if run.escalated else "SIGTERM"
         if run.kill_reason:
             return Ending("KILLED", code, f"{run.kill_reason} ({how})")
@@ -140,6 +157,9 @@ class AgentSupervisor:
             return Ending("TIMED_OUT", code,
                           f"ran past max_runtime_seconds={run.spec.max_runtime_seconds:g} "
                           f"({how})")
+        if code is None:
+            return Ending("LOST", None, "ended while supervised only by pid after a spoke "
+                                        "restart; its exit code is unknown")
         if code == 0:
             return Ending("SUCCEEDED", 0, "exited with code 0")
         if code < 0:
