@@ -223,3 +223,14 @@ async def test_ungranted_tenant_and_missing_workspace_read_like_absence(
         messages.append(resp.error.message.replace(workspace, "W"))
     assert messages[0] == messages[1]
 
+
+
+async def test_daemons_report_serving_on_grpc_health(federation: Federation) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for address, service in ((federation.spokes["spoke-a"].address, "fleetwire.v1.SpokeService"),
+                             (federation.hub.address, "fleetwire.v1.OperatorService")):
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
