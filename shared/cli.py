@@ -6,16 +6,20 @@ Hub commands are in hub/cli.py and spoke commands in spoke/cli.py; `main` joins 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.audit import ALLOWED, REFUSED, AuditEntry, append_audit, load_records, verify_chain
 from shared.config import Config, check_name, default_config_text, load_config
 from shared.db.engine import make_engine, make_sessions, upgrade
 from shared.errors import FleetwireError, InvalidArgument
@@ -52,19 +56,43 @@ def emit(obj: Any, as_json: bool, text: str) -> None:
     click.echo(json.dumps(obj, indent=2) if as_json else text)
 
 
-def with_session(home: Path, fn: Callable[[AsyncSession, Config], Awaitable[T]]) -> T:
-    """Run fn in one committed transaction on the instance's database."""
+def local_principal() -> str:
+    """Who runs a local admin command, for the audit trail."""
+    return f"local:{getpass.getuser()}"
+
+
+def with_session(home: Path, fn: Callable[[AsyncSession, Config], Awaitable[T]],
+                 audit: AuditEntry | None = None) -> T:
+    """Run fn in one committed transaction on the instance's database. With audit, the
+    change is recorded in the same transaction, and a refusal in a transaction of its
+    own."""
     cfg = load_config(home)
 
     async def go() -> T:
         engine = make_engine(cfg.db_url)
+        sessions = make_sessions(engine)
         try:
-            async with make_sessions(engine)() as session, session.begin():
-                return await fn(session, cfg)
+            try:
+                async with sessions() as session, session.begin():
+                    result = await fn(session, cfg)
+                    if audit is not None:
+                        await append_audit(session, audit)
+                    return result
+            except FleetwireError as err:
+                if audit is not None:
+                    async with sessions() as session, session.begin():
+                        await append_audit(session, replace(audit, outcome=REFUSED,
+                                                            reason=err.message))
+                raise
         finally:
             await engine.dispose()
 
     return asyncio.run(go())
+
+
+def audited(action: str, **fields: str) -> AuditEntry:
+    """The audit entry of a local admin command."""
+    return AuditEntry(action=action, outcome=ALLOWED, principal=local_principal(), **fields)
 
 
 @click.group(cls=FleetwireGroup)
@@ -121,7 +149,8 @@ def peer_add(home: Path, name: str, public_key: str, address: str) -> None:
     """Trust a peer's signing key."""
     raw = decode_public_key(public_key)
     info = with_session(home, lambda s, _: add_peer(s, name=name, public_key=raw,
-                                                     address=address))
+                                                     address=address),
+                        audited("peer.add", peer=name, target=address))
     click.echo(f"added peer '{info.name}' (key_id {info.key_ids[0]})"
                + (f" at {info.address}" if info.address else ""))
 
@@ -148,7 +177,8 @@ def tenant() -> None:
 @click.argument("slug")
 def tenant_create(home: Path, slug: str) -> None:
     """Create a tenant."""
-    with_session(home, lambda s, _: create_tenant(s, slug))
+    with_session(home, lambda s, _: create_tenant(s, slug),
+                 audited("tenant.create", tenant=slug, target=slug))
     click.echo(f"created tenant '{slug}'")
 
 
@@ -170,11 +200,64 @@ def workspace() -> None:
 @workspace.command("create")
 @home_option
 @click.option("--tenant", "tenant_slug", required=True)
+@click.option("--max-agents", type=click.IntRange(min=1), default=None,
+              help="Most agents that may run at once in it (on a spoke).")
 @click.argument("slug")
-def workspace_create(home: Path, tenant_slug: str, slug: str) -> None:
+def workspace_create(home: Path, tenant_slug: str, slug: str, max_agents: int | None) -> None:
     """Create a workspace in a tenant."""
-    with_session(home, lambda s, _: create_workspace(s, tenant_slug, slug))
-    click.echo(f"created workspace '{slug}' in tenant '{tenant_slug}'")
+    with_session(home, lambda s, _: create_workspace(s, tenant_slug, slug, max_agents),
+                 audited("workspace.create", tenant=tenant_slug, workspace=slug, target=slug,
+                         reason=f"max_agents={max_agents}" if max_agents else ""))
+    click.echo(f"created workspace '{slug}' in tenant '{tenant_slug}'"
+               + (f" (at most {max_agents} agents at once)" if max_agents else ""))
+
+
+@root.group()
+def audit() -> None:
+    """The instance's hash-chained audit trail."""
+
+
+def _audit_row(rec: Any) -> dict[str, Any]:
+    return {"seq": rec.seq, "at_ms": rec.at_ms, "action": rec.action, "outcome": rec.outcome,
+            "tenant": rec.tenant, "workspace": rec.workspace, "principal": rec.principal,
+            "peer": rec.peer, "target": rec.target, "message_id": rec.message_id,
+            "reason": rec.reason, "hash": rec.hash}
+
+
+@audit.command("list")
+@home_option
+@click.option("--tenant", default=None, help="Only records of this tenant.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the last N.")
+@json_option
+def audit_list(home: Path, tenant: str | None, limit: int | None, as_json: bool) -> None:
+    """Print audit records, oldest first."""
+    records = with_session(home, lambda s, _: load_records(s, tenant))
+    rows = [_audit_row(r) for r in records[-limit if limit else None:]]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        at = datetime.fromtimestamp(r["at_ms"] / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        where = f"{r['tenant']}/{r['workspace']}" if r["workspace"] else r["tenant"] or "-"
+        click.echo(f"{r['seq']:>6} {at} {r['outcome']:<8} {r['action']:<18} {where:<20} "
+                   f"{r['principal'] or '-':<14} {r['peer'] or '-':<12} {r['target'] or '-'} "
+                   f"{r['reason']}")
+    if not rows:
+        click.echo("no audit records")
+
+
+@audit.command("verify")
+@home_option
+def audit_verify(home: Path) -> None:
+    """Check the whole chain; exit 1 naming the first bad record if any was edited,
+    removed or reordered."""
+    records = with_session(home, lambda s, _: load_records(s))
+    broken = verify_chain(records)
+    if broken is not None:
+        click.echo(f"audit trail broken at record {broken.seq}: {broken.problem}", err=True)
+        sys.exit(1)
+    head = records[-1].hash if records else "-"
+    click.echo(f"audit trail intact: {len(records)} records, head {head}")
 
 
 def run_daemon(home: Path, runner: Callable[[Config], Coroutine[Any, Any, None]]) -> None:

@@ -92,6 +92,8 @@ class TemplateConfig:
     params: dict[str, str] = field(default_factory=dict)
     grace_seconds: float = 10.0
     max_runtime_seconds: float = 3600.0
+    # Most agents of this template running at once in one workspace; 0: no limit.
+    max_concurrent: int = 0
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -178,8 +180,11 @@ def _template(name: str, data: Any) -> TemplateConfig:
     rest = {k: v for k, v in data.items() if k not in ("argv", "params", "env")}
     tpl: TemplateConfig = _table(TemplateConfig, rest, where, name=name, argv=tuple(argv),
                                  params=dict(params), env=dict(env))
-    if tpl.grace_seconds < 0 or tpl.max_runtime_seconds <= 0:
-        raise InvalidArgument(f"{where}: grace_seconds must be >= 0, max_runtime_seconds > 0")
+    for key, ok, rule in (("grace_seconds", tpl.grace_seconds >= 0, ">= 0"),
+                          ("max_runtime_seconds", tpl.max_runtime_seconds > 0, "> 0"),
+                          ("max_concurrent", tpl.max_concurrent >= 0, ">= 0")):
+        if not ok:
+            raise InvalidArgument(f"{where}.{key} must be {rule}")
     return tpl
 
 
@@ -273,6 +278,9 @@ argv = ["{{python}}", "-m", "spoke.demo_agent", "--task", "{{task}}",
 params = {{ steps = "20", interval = "0.5" }}
 grace_seconds = 5
 max_runtime_seconds = 3600
+# Most demo agents running at once in one workspace (0: no limit). A workspace can also
+# have its own limit: `fleetwire workspace create --max-agents N`.
+max_concurrent = 0
 '''
 
 

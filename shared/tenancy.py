@@ -34,10 +34,12 @@ async def require_tenant(session: AsyncSession, slug: str) -> models.Tenant:
     return tenant
 
 
-async def create_workspace(session: AsyncSession, tenant: str, slug: str) -> None:
+async def create_workspace(session: AsyncSession, tenant: str, slug: str,
+                           max_agents: int | None = None) -> None:
     check_slug("workspace", slug)
     t = await require_tenant(session, tenant)
-    session.add(models.Workspace(tenant_id=t.id, slug=slug, created_at_ms=now_ms()))
+    session.add(models.Workspace(tenant_id=t.id, slug=slug, created_at_ms=now_ms(),
+                                 max_agents=max_agents))
     try:
         await session.flush()
     except IntegrityError:

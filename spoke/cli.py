@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from shared.cli import emit, home_option, json_option, run_daemon, with_session
+from shared.cli import audited, emit, home_option, json_option, run_daemon, with_session
 from shared.scope import Role
 from spoke.daemon import run_spoke
-from spoke.grants import add_grant, list_grants
+from spoke.grants import add_grant, list_grants, revoke_grant
 
 
 @click.group()
@@ -29,9 +29,25 @@ def grant_add(home: Path, peer: str, tenant: str, workspace: str | None, max_rol
     """Let a hub act in a tenant (or one workspace) of this spoke."""
     role = Role.parse(max_role)
     with_session(home, lambda s, _: add_grant(s, peer=peer, tenant=tenant,
-                                              workspace=workspace, max_role=role))
+                                              workspace=workspace, max_role=role),
+                 audited("grant.add", tenant=tenant, workspace=workspace or "", peer=peer,
+                         reason=f"max_role={role.label}"))
     where = f"tenant '{tenant}'" + (f" workspace '{workspace}'" if workspace else "")
     click.echo(f"granted '{peer}' {where} up to {role.label}")
+
+
+@grant.command("revoke")
+@home_option
+@click.option("--peer", required=True, help="The hub's peer name.")
+@click.option("--tenant", required=True)
+@click.option("--workspace", default=None, help="The workspace of a narrowed grant.")
+def grant_revoke(home: Path, peer: str, tenant: str, workspace: str | None) -> None:
+    """Withdraw a grant; it takes effect on the hub's next command."""
+    with_session(home, lambda s, _: revoke_grant(s, peer=peer, tenant=tenant,
+                                                 workspace=workspace),
+                 audited("grant.revoke", tenant=tenant, workspace=workspace or "", peer=peer))
+    where = f"tenant '{tenant}'" + (f" workspace '{workspace}'" if workspace else "")
+    click.echo(f"revoked '{peer}' grant for {where}")
 
 
 @grant.command("list")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from shared.audit import ALLOWED, REFUSED, AuditEntry, AuditTrail
 from shared.config import SLUG_RE, Config
 from shared.db import models
 from shared.envelope import now_ms
@@ -60,25 +61,35 @@ class _Target:
 
 
 class SpokeCommands:
-    def __init__(self, cfg: Config, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, cfg: Config, sessions: async_sessionmaker[AsyncSession],
+                 trail: AuditTrail) -> None:
         self._cfg = cfg
         self._sessions = sessions
-        self.agents = ScopedAgents(sessions)
-        self.ledger = AgentLedger(sessions)
+        self._trail = trail
+        self.agents = ScopedAgents(trail)
+        self.ledger = AgentLedger(trail)
         self.supervisor = AgentSupervisor(on_exit=self._record_ending)
 
-    async def handle(self, peer: str, command: wire_pb2.Command) -> wire_pb2.Response:
-        """Answer one command; every refusal becomes a signed Error, never an exception."""
+    async def handle(self, peer: str, command: wire_pb2.Command,
+                     message_id: str) -> wire_pb2.Response:
+        """Answer one command; every refusal becomes a signed Error (and an audit
+        record), never an exception."""
         try:
             scope, target = await self._authorize(peer, command)
             with use_scope(scope):
-                return await self._act(command, target)
+                return await self._act(command, target, message_id)
         except FleetwireError as err:
-            return wire_pb2.Response(error=to_wire_error(err))
+            refusal = err
         except Exception:
             log.exception("command from %s failed", peer)
-            return wire_pb2.Response(error=to_wire_error(
-                Internal("internal error on the spoke; its log has the details")))
+            refusal = Internal("internal error on the spoke; its log has the details")
+        which = command.WhichOneof("action") or "none"
+        await self._trail.record(AuditEntry(
+            action=f"agent.{which}", outcome=REFUSED, tenant=command.tenant,
+            workspace=command.workspace, principal=command.principal.name, peer=peer,
+            target=getattr(command, which).agent_id if which in ("get", "kill", "spawn") else "",
+            message_id=message_id, reason=refusal.message))
+        return wire_pb2.Response(error=to_wire_error(refusal))
 
     async def _authorize(self, peer: str, command: wire_pb2.Command) -> tuple[Scope, _Target]:
         which = command.WhichOneof("action")
@@ -120,9 +131,10 @@ class SpokeCommands:
                       allowed_workspaces=grant.workspaces, peer=peer, role_note=note)
         return scope, target
 
-    async def _act(self, command: wire_pb2.Command, target: _Target) -> wire_pb2.Response:
+    async def _act(self, command: wire_pb2.Command, target: _Target,
+                   message_id: str) -> wire_pb2.Response:
         if target.action is Action.SPAWN:
-            return wire_pb2.Response(agent=await self._spawn(command.spawn))
+            return wire_pb2.Response(agent=await self._spawn(command.spawn, message_id))
         if target.action is Action.LIST:
             agents = await self.agents.visible()
             return wire_pb2.Response(agents=wire_pb2.AgentList(agents=[to_wire(a) for a in agents]))
@@ -131,9 +143,9 @@ class SpokeCommands:
             raise not_found_agent(target.agent_id)
         if target.action is Action.STATUS:
             return wire_pb2.Response(agent=to_wire(agent))
-        return wire_pb2.Response(agent=await self._kill(agent, command.kill))
+        return wire_pb2.Response(agent=await self._kill(agent, command.kill, message_id))
 
-    async def _spawn(self, req: wire_pb2.SpawnAgent) -> wire_pb2.Agent:
+    async def _spawn(self, req: wire_pb2.SpawnAgent, message_id: str) -> wire_pb2.Agent:
         scope = current_scope()
         template = self._cfg.templates.get(req.template)
         if template is None:
@@ -167,7 +179,11 @@ class SpokeCommands:
             template=template.name, task=req.task, principal=scope.principal.name,
             peer=scope.peer, state="PENDING", reason="starting", workdir=str(workdir),
             log_path=str(log_path), grace_ms=int(template.grace_seconds * 1000),
-            created_at_ms=now_ms()))
+            created_at_ms=now_ms()), AuditEntry(
+                action="agent.spawn", outcome=ALLOWED, tenant=scope.tenant,
+                workspace=scope.workspace, principal=scope.principal.name, peer=scope.peer,
+                target=req.agent_id, message_id=message_id,
+                reason=f"template {template.name}"), template.max_concurrent or None)
         spec = LaunchSpec(agent_id=req.agent_id, argv=argv, workdir=workdir,
                           log_path=log_path, env=env,
                           max_runtime_seconds=template.max_runtime_seconds,
@@ -184,7 +200,8 @@ class SpokeCommands:
         assert agent is not None
         return to_wire(agent)
 
-    async def _kill(self, agent: models.Agent, req: wire_pb2.KillAgent) -> wire_pb2.Agent:
+    async def _kill(self, agent: models.Agent, req: wire_pb2.KillAgent,
+                    message_id: str) -> wire_pb2.Agent:
         scope = current_scope()
         principal = scope.principal
         require_role(principal, Action.KILL, owns_target=agent.principal == principal.name,
@@ -198,17 +215,20 @@ class SpokeCommands:
         if agent.state not in FINAL_STATES:
             reason = f"killed by {principal.name} via {current_scope().peer}"
             if self.supervisor.is_supervised(agent.agent_id):
-                await self.supervisor.kill(agent.agent_id, grace_ms / 1000, reason)
+                await self.supervisor.kill(agent.agent_id, grace_ms / 1000, reason,
+                                           by=principal.name, message_id=message_id)
             else:
                 # Live in the record but not supervised: recover() found it gone.
                 await self.ledger.ended(agent.agent_id, "LOST", None,
-                                        "the process was gone when the kill arrived")
+                                        "the process was gone when the kill arrived",
+                                        by=principal.name, message_id=message_id)
         killed = await self.agents.get(agent.agent_id)
         assert killed is not None
         return to_wire(killed)
 
     async def _record_ending(self, agent_id: str, ending: Ending) -> None:
-        await self.ledger.ended(agent_id, ending.state, ending.exit_code, ending.reason)
+        await self.ledger.ended(agent_id, ending.state, ending.exit_code, ending.reason,
+                                by=ending.by, message_id=ending.message_id)
 
     async def recover(self) -> None:
         """At start-up: re-adopt agents whose recorded pid still has its recorded start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shared.audit import AuditTrail
 from shared.config import Config
 from shared.daemon import add_health, announce, serve_until_stopped
 from shared.db.engine import make_engine, make_sessions
@@ -19,9 +20,10 @@ async def run_spoke(cfg: Config, listen: str) -> None:
     engine = make_engine(cfg.db_url)
     sessions = make_sessions(engine)
     memory = MessageMemory(sessions)
-    commands = SpokeCommands(cfg, sessions)
+    trail = AuditTrail(sessions)
+    commands = SpokeCommands(cfg, sessions, trail)
     await commands.recover()
-    service = SpokeService(identity, DbKeyring(sessions), memory, commands,
+    service = SpokeService(identity, DbKeyring(sessions), memory, commands, trail,
                            skew_ms=cfg.wire.max_clock_skew_seconds * 1000)
     server, port = await start_server(listen, [
         lambda s: wire_pb2_grpc.add_SpokeServiceServicer_to_server(service, s),

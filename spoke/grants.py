@@ -60,6 +60,23 @@ async def add_grant(
         ) from None
 
 
+async def revoke_grant(
+    session: AsyncSession, *, peer: str, tenant: str, workspace: str | None
+) -> None:
+    """Remove one grant; the hub's next command in that scope answers NOT_FOUND."""
+    scope = workspace or ALL_WORKSPACES
+    grant = (await session.execute(
+        select(models.Grant)
+        .join(models.Peer, models.Peer.id == models.Grant.peer_id)
+        .join(models.Tenant, models.Tenant.id == models.Grant.tenant_id)
+        .where(models.Peer.name == peer, models.Tenant.slug == tenant,
+               models.Grant.workspace == scope))).scalar_one_or_none()
+    if grant is None:
+        where = f"tenant '{tenant}'" + (f" workspace '{workspace}'" if workspace else "")
+        raise NotFound(f"peer '{peer}' holds no grant for {where}; see `fleetwire grant list`")
+    await session.delete(grant)
+
+
 async def tenant_grant(session: AsyncSession, peer: str, tenant: str) -> TenantGrant | None:
     """The grants `peer` holds in `tenant`, or None (then the tenant is invisible to it)."""
     rows = (await session.execute(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from shared.audit import REFUSED, AuditEntry, AuditTrail
 from shared.envelope import Keyring, OpenedEnvelope, open_envelope, seal_envelope
 from shared.errors import FleetwireError, InvalidArgument, abort
 from shared.identity import Identity
@@ -14,7 +15,8 @@ from spoke.commands import SpokeCommands
 
 class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
     def __init__(self, identity: Identity, keyring: Keyring, memory: MessageMemory,
-                 commands: SpokeCommands, skew_ms: int) -> None:
+                 commands: SpokeCommands, trail: AuditTrail, skew_ms: int) -> None:
+        self._trail = trail
         self._identity = identity
         self._keyring = keyring
         self._memory = memory
@@ -31,12 +33,16 @@ class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
                 raise InvalidArgument("this spoke accepts only commands")
             answer = await self._memory.once(opened, lambda: self._answer(opened))
         except FleetwireError as err:
+            # Only the outer key_id is named: unverified bytes are never parsed.
+            await self._trail.record(AuditEntry(
+                action="envelope", outcome=REFUSED, target=f"key_id {request.key_id[:32]}",
+                reason=err.message))
             await abort(context, err)
         return wire_pb2.SignedEnvelope.FromString(answer)
 
     async def _answer(self, opened: OpenedEnvelope) -> bytes:
         env = opened.envelope
-        response = await self._commands.handle(env.sender, env.command)
+        response = await self._commands.handle(env.sender, env.command, env.message_id)
         sealed = seal_envelope(self._identity, recipient=env.sender, response=response,
                                in_reply_to=env.message_id)
         return sealed.SerializeToString()

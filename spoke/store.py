@@ -2,21 +2,28 @@
 
 `ScopedAgents` is the only way the request path reads or creates agents: every query
 filters by the active scope's tenant and workspaces. `AgentLedger` records lifecycle
-changes by agent id for the supervisor, which acts on agents it already owns.
+changes by agent id for the supervisor, which acts on agents it already owns. Every
+change is written with its audit record in one transaction.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Select, select, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.audit import ALLOWED, AuditEntry, AuditTrail, append_audit
 from shared.db import models
 from shared.envelope import now_ms
+from shared.errors import ResourceExhausted
 from shared.pb.v1 import wire_pb2
 from shared.scope import current_scope
 
 FINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "KILLED", "TIMED_OUT", "LOST"})
 LIVE_STATES = frozenset({"PENDING", "RUNNING"})
+# How long an over-quota spawn is told to wait before trying again.
+QUOTA_RETRY_AFTER_MS = 5000
+_END_ACTIONS = {"SUCCEEDED": "agent.exit", "FAILED": "agent.exit", "KILLED": "agent.kill",
+                "TIMED_OUT": "agent.timeout", "LOST": "agent.lost"}
 
 
 def to_wire(agent: models.Agent) -> wire_pb2.Agent:
@@ -33,8 +40,8 @@ def to_wire(agent: models.Agent) -> wire_pb2.Agent:
 
 
 class ScopedAgents:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._sessions = sessions
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail = trail
 
     def _visible(self) -> Select[models.Agent]:
         scope = current_scope()
@@ -46,52 +53,91 @@ class ScopedAgents:
         return query
 
     async def get(self, agent_id: str) -> models.Agent | None:
-        async with self._sessions() as session:
+        async with self._trail.reader() as session:
             return (await session.execute(
                 self._visible().where(models.Agent.agent_id == agent_id))).scalar_one_or_none()
 
     async def visible(self) -> list[models.Agent]:
-        async with self._sessions() as session:
+        async with self._trail.reader() as session:
             return list((await session.execute(
                 self._visible().order_by(models.Agent.created_at_ms))).scalars())
 
     async def exists_anywhere(self, agent_id: str) -> bool:
         """Only to refuse a reused id; never to answer what exists."""
-        async with self._sessions() as session:
+        async with self._trail.reader() as session:
             return await session.get(models.Agent, agent_id) is not None
 
-    async def create(self, agent: models.Agent) -> None:
+    async def create(self, agent: models.Agent, entry: AuditEntry,
+                     template_limit: int | None) -> None:
+        """Insert a PENDING agent unless its workspace or template is at its quota."""
         scope = current_scope()
         if agent.tenant != scope.tenant or not scope.sees_workspace(agent.workspace):
             raise RuntimeError("refusing to create an agent outside the active scope")
-        async with self._sessions() as session, session.begin():
+        async with self._trail.transaction() as session:
+            await _check_quota(session, agent, template_limit)
             session.add(agent)
+            await append_audit(session, entry)
+
+
+async def _check_quota(session: AsyncSession, agent: models.Agent,
+                       template_limit: int | None) -> None:
+    live = models.Agent.state.in_(sorted(LIVE_STATES))
+    in_ws = (models.Agent.tenant == agent.tenant) & (models.Agent.workspace == agent.workspace)
+    ws_limit = (await session.execute(
+        select(models.Workspace.max_agents)
+        .join(models.Tenant, models.Tenant.id == models.Workspace.tenant_id)
+        .where(models.Tenant.slug == agent.tenant,
+               models.Workspace.slug == agent.workspace))).scalar_one_or_none()
+    checks = [(ws_limit, in_ws, f"workspace '{agent.workspace}'"),
+              (template_limit, in_ws & (models.Agent.template == agent.template),
+               f"template '{agent.template}' in workspace '{agent.workspace}'")]
+    for limit, where, what in checks:
+        if limit is None:
+            continue
+        running = (await session.execute(
+            select(func.count()).select_from(models.Agent).where(where, live))).scalar_one()
+        if running >= limit:
+            raise ResourceExhausted(
+                f"{what} already runs {running} of at most {limit} agents; retry when one "
+                "ends, or kill one", retry_after_ms=QUOTA_RETRY_AFTER_MS)
 
 
 class AgentLedger:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._sessions = sessions
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail = trail
 
     async def started(self, agent_id: str, pid: int, start_time: int) -> None:
-        await self._set(agent_id, LIVE_STATES, state="RUNNING", pid=pid,
-                        pid_start_time=start_time, started_at_ms=now_ms(),
-                        reason="running")
+        await self._move(agent_id, "agent.start", state="RUNNING", pid=pid,
+                         pid_start_time=start_time, started_at_ms=now_ms(), reason="running")
 
-    async def ended(self, agent_id: str, state: str, exit_code: int | None, reason: str) -> None:
+    async def ended(self, agent_id: str, state: str, exit_code: int | None, reason: str,
+                    *, by: str = "", message_id: str = "") -> None:
         """Record a final state; an agent already final keeps its first ending."""
-        await self._set(agent_id, LIVE_STATES, state=state, exit_code=exit_code,
-                        reason=reason, ended_at_ms=now_ms())
+        await self._move(agent_id, _END_ACTIONS[state], by=by, message_id=message_id,
+                         state=state, exit_code=exit_code, reason=reason,
+                         ended_at_ms=now_ms())
 
     async def live(self) -> list[models.Agent]:
-        async with self._sessions() as session:
+        async with self._trail.reader() as session:
             return list((await session.execute(
                 select(models.Agent).where(models.Agent.state.in_(sorted(LIVE_STATES)))
             )).scalars())
 
-    async def _set(self, agent_id: str, from_states: frozenset[str], **values: object) -> None:
-        async with self._sessions() as session, session.begin():
+    async def _move(self, agent_id: str, action: str, *, by: str = "", message_id: str = "",
+                    **values: object) -> None:
+        """Change a live agent and audit it in one transaction; final agents stay as
+        they are."""
+        async with self._trail.transaction() as session:
+            agent = (await session.execute(
+                select(models.Agent).where(models.Agent.agent_id == agent_id,
+                                           models.Agent.state.in_(sorted(LIVE_STATES)))
+            )).scalar_one_or_none()
+            if agent is None:
+                return
             await session.execute(
-                update(models.Agent)
-                .where(models.Agent.agent_id == agent_id,
-                       models.Agent.state.in_(sorted(from_states)))
-                .values(**values))
+                update(models.Agent).where(models.Agent.agent_id == agent_id).values(**values))
+            await append_audit(session, AuditEntry(
+                action=action, outcome=ALLOWED, tenant=agent.tenant,
+                workspace=agent.workspace, principal=by, peer=agent.peer if by else "",
+                target=agent_id, message_id=message_id,
+                reason=f"{values['state']}: {values['reason']}"))

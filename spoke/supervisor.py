@@ -47,9 +47,12 @@ class Launched:
 class Ending:
     """How an agent ended, for the record."""
 
-    state: str  # SUCCEEDED | FAILED | KILLED | TIMED_OUT
+    state: str  # SUCCEEDED | FAILED | KILLED | TIMED_OUT | LOST
     exit_code: int | None
     reason: str
+    # For kills: who asked, and the command's message_id.
+    by: str = ""
+    message_id: str = ""
 
 
 @dataclass
@@ -60,6 +63,8 @@ class _Running:
     launched: Launched
     runtime_left: float
     kill_reason: str = ""
+    kill_by: str = ""
+    kill_message_id: str = ""
     timed_out: bool = False
     escalated: bool = False
     # The running SIGTERM/grace/SIGKILL sequence, if one was started.
@@ -152,7 +157,8 @@ class AgentSupervisor:
     def _ending(run: _Running, code: int | None) -> Ending:
         how = "SIGKILL after the grace period" if run.escalated else "SIGTERM"
         if run.kill_reason:
-            return Ending("KILLED", code, f"{run.kill_reason} ({how})")
+            return Ending("KILLED", code, f"{run.kill_reason} ({how})", run.kill_by,
+                          run.kill_message_id)
         if run.timed_out:
             return Ending("TIMED_OUT", code,
                           f"ran past max_runtime_seconds={run.spec.max_runtime_seconds:g} "
@@ -166,13 +172,14 @@ class AgentSupervisor:
             return Ending("FAILED", code, f"ended by signal {signal.Signals(-code).name}")
         return Ending("FAILED", code, f"exited with code {code}")
 
-    async def kill(self, agent_id: str, grace_seconds: float, reason: str) -> None:
+    async def kill(self, agent_id: str, grace_seconds: float, reason: str, *, by: str = "",
+                   message_id: str = "") -> None:
         """Kill a supervised agent and wait until its end is recorded."""
         run = self._running.get(agent_id)
         if run is None:
             return
         if not run.kill_reason:
-            run.kill_reason = reason
+            run.kill_reason, run.kill_by, run.kill_message_id = reason, by, message_id
             self._terminate(run, grace_seconds)
         await run.done.wait()
 

@@ -60,6 +60,8 @@ class Workspace(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     slug: Mapped[str] = mapped_column(String(63))
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    # Most agents that may run at once in this workspace; None: no workspace limit.
+    max_agents: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class SeenMessage(Base):
@@ -123,6 +125,12 @@ class OperatorToken(Base):
     role: Mapped[int] = mapped_column(Integer)
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     revoked_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Set when the token was rotated out: it works until then, never after.
+    expires_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Short public handle for list/revoke: the first hex digits of the digest.
+    @property
+    def handle(self) -> str:
+        return self.token_sha256[:12]
 
 
 class HubAgent(Base):
@@ -139,3 +147,23 @@ class HubAgent(Base):
     state: Mapped[str] = mapped_column(String(16))
     spawn_message_id: Mapped[str] = mapped_column(String(64))
     updated_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditRecord(Base):
+    """One link of the hash-chained audit trail (see shared/audit.py)."""
+
+    __tablename__ = "audit_log"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at_ms: Mapped[int] = mapped_column(BigInteger)
+    action: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    tenant: Mapped[str] = mapped_column(String(63), index=True)
+    workspace: Mapped[str] = mapped_column(String(63))
+    principal: Mapped[str] = mapped_column(String(64))
+    peer: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(255))
+    message_id: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    # Unique: two appends racing on the same tail cannot both land.
+    prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hash: Mapped[str] = mapped_column(String(64))

@@ -193,7 +193,7 @@ def test_declared_and_builtin_placeholders_accepted(tmp_path: Path) -> None:
     ('argv = ["a"]\nparams = { n = 3 }\n', "templates.t.params: must be a table of strings"),
     ('argv = ["a"]\nenv = ["A=1"]\n', "templates.t.env: must be a table of strings"),
     ('argv = ["a"]\ngrace_seconds = -1\n', "grace_seconds must be >= 0"),
-    ('argv = ["a"]\nmax_runtime_seconds = 0\n', "max_runtime_seconds > 0"),
+    ('argv = ["a"]\nmax_runtime_seconds = 0\n', "max_runtime_seconds must be > 0"),
 ])
 def test_template_refusals(tmp_path: Path, body: str, needle: str) -> None:
     msg = refused(tmp_path, MINIMAL + "[templates.t]\n" + body)

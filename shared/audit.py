@@ -1,0 +1,123 @@
+"""The audit trail: an append-only, hash-chained record of every change and refusal.
+
+Each record holds the hash of the one before it; its own hash covers its sequence
+number, every field and that previous hash. Editing, removing or reordering any record
+breaks the chain at that record, which `verify_chain` names. A record is appended in the
+same transaction as the change it describes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from shared.db import models
+from shared.envelope import now_ms
+
+GENESIS = "0" * 64
+ALLOWED = "allowed"
+REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """What happened, as the instance that decided it saw it."""
+
+    action: str
+    outcome: str
+    tenant: str = ""
+    workspace: str = ""
+    principal: str = ""
+    peer: str = ""
+    target: str = ""
+    message_id: str = ""
+    reason: str = ""
+
+
+_FIELDS = tuple(AuditEntry.__dataclass_fields__)
+
+
+def record_hash(seq: int, at_ms: int, fields: dict[str, str], prev_hash: str) -> str:
+    """SHA-256 of a canonical JSON array of the record: order and types fixed."""
+    body = [seq, at_ms, *(fields[name] for name in _FIELDS), prev_hash]
+    return hashlib.sha256(json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+async def append_audit(session: AsyncSession, entry: AuditEntry,
+                       at_ms: int | None = None) -> models.AuditRecord:
+    """Append entry to the chain inside the caller's transaction."""
+    tail = (await session.execute(
+        select(models.AuditRecord.seq, models.AuditRecord.hash)
+        .order_by(models.AuditRecord.seq.desc()).limit(1))).first()
+    seq, prev = (tail[0] + 1, tail[1]) if tail else (1, GENESIS)
+    at = now_ms() if at_ms is None else at_ms
+    fields = {k: str(v)[:2000] for k, v in asdict(entry).items()}
+    record = models.AuditRecord(seq=seq, at_ms=at, prev_hash=prev,
+                                hash=record_hash(seq, at, fields, prev), **fields)
+    session.add(record)
+    await session.flush()
+    return record
+
+
+class AuditTrail:
+    """A daemon's writer: one transaction at a time appends, so the chain never forks."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads only: no lock, no audit."""
+        async with self._sessions() as session:
+            yield session
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A transaction that may append audit records (and change anything else)."""
+        async with self._lock, self._sessions() as session, session.begin():
+            yield session
+
+    async def record(self, entry: AuditEntry) -> None:
+        """Append entry in a transaction of its own (refusals change nothing else)."""
+        async with self.transaction() as session:
+            await append_audit(session, entry)
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    seq: int
+    problem: str
+
+
+def verify_chain(records: Sequence[models.AuditRecord]) -> ChainBreak | None:
+    """The first record (in seq order) where the chain is broken, or None."""
+    prev, expected_seq = GENESIS, 1
+    for rec in records:
+        if rec.seq != expected_seq:
+            return ChainBreak(rec.seq, f"expected record {expected_seq} here: a record was "
+                                       "removed or the order changed")
+        if rec.prev_hash != prev:
+            return ChainBreak(rec.seq, "its previous-hash does not match the record before "
+                                       "it: a record was removed, inserted or reordered")
+        fields = {name: getattr(rec, name) for name in _FIELDS}
+        if rec.hash != record_hash(rec.seq, rec.at_ms, fields, rec.prev_hash):
+            return ChainBreak(rec.seq, "its content does not match its hash: it was edited")
+        prev, expected_seq = rec.hash, expected_seq + 1
+    return None
+
+
+async def load_records(session: AsyncSession, tenant: str | None = None
+                       ) -> list[models.AuditRecord]:
+    query = select(models.AuditRecord).order_by(models.AuditRecord.seq)
+    if tenant is not None:
+        query = query.where(models.AuditRecord.tenant == tenant)
+    return list((await session.execute(query)).scalars())
