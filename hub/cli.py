@@ -10,11 +10,24 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.client import HubClient
 from hub.daemon import run_hub
-from hub.tokens import create_token
-from shared.cli import home_option, json_option, run_daemon, with_session
+from hub.tokens import (
+    DEFAULT_GRACE_HOURS,
+    MAX_GRACE_HOURS,
+    MIN_GRACE_HOURS,
+    Issued,
+    TokenInfo,
+    create_token,
+    list_tokens,
+    revoke_token,
+    rotate_token,
+)
+from shared.audit import append_audit
+from shared.cli import audited, home_option, json_option, run_daemon, with_session
+from shared.envelope import now_ms
 from shared.errors import InvalidArgument
 from shared.pb.v1 import wire_pb2
 from shared.scope import Role
@@ -36,17 +49,91 @@ def token() -> None:
               type=click.Choice(["viewer", "operator", "admin"]))
 @json_option
 def token_create(home: Path, tenant: str, principal: str, role: str, as_json: bool) -> None:
-    """Create an operator token for one tenant. It is shown once and stored hashed."""
+    """Create an operator token for one tenant. It is shown once and stored hashed; a
+    principal's oldest working token is retired beyond 3."""
     r = Role.parse(role)
-    secret = with_session(home, lambda s, _: create_token(s, tenant=tenant, principal=principal,
-                                                          role=r))
+
+    async def create(session: AsyncSession, _: object) -> Issued:
+        issued = await create_token(session, tenant=tenant, principal=principal, role=r,
+                                    now_ms=now_ms())
+        await append_audit(session, audited(
+            "token.create", tenant=tenant, target=f"token {issued.id}",
+            reason=f"principal {principal}, role {r.label}" + _retired(issued)))
+        return issued
+
+    issued = with_session(home, create, audited("token.create", tenant=tenant),
+                          audit_success=False)
+    _print_issued(issued, as_json, tenant=tenant, principal=principal, role=r.label)
+
+
+def _retired(issued: Issued) -> str:
+    return f"; retired token {', '.join(map(str, issued.retired))}" if issued.retired else ""
+
+
+def _print_issued(issued: Issued, as_json: bool, **about: str) -> None:
     if as_json:
-        click.echo(json.dumps({"token": secret, "tenant": tenant, "principal": principal,
-                               "role": r.label}))
-    else:
-        click.echo(secret)
-        click.echo(f"(tenant '{tenant}', principal '{principal}', role {r.label}; "
-                   "shown only now)", err=True)
+        click.echo(json.dumps({"token": issued.token, "id": issued.id, **about,
+                               "retired": list(issued.retired)}))
+        return
+    click.echo(issued.token)
+    click.echo(f"(token {issued.id}: " + ", ".join(f"{k} {v}" for k, v in about.items())
+               + f"; shown only now{_retired(issued)})", err=True)
+
+
+@token.command("list")
+@home_option
+@click.option("--tenant", default=None)
+@json_option
+def token_list(home: Path, tenant: str | None, as_json: bool) -> None:
+    """List tokens (never their secrets): id, tenant, principal, role, state."""
+    rows = with_session(home, lambda s, _: list_tokens(s, tenant=tenant, now_ms=now_ms()))
+    if as_json:
+        click.echo(json.dumps([vars(r) for r in rows], indent=2))
+        return
+    for r in rows:
+        until = f" until {_iso(r.expires_at_ms or 0)}" if r.state == "expiring" else ""
+        after = f" -> {r.replaced_by_id}" if r.replaced_by_id else ""
+        click.echo(f"{r.id:>5} {r.tenant:<16} {r.principal:<16} {r.role:<9} "
+                   f"{r.state}{until}{after}")
+    if not rows:
+        click.echo("no tokens")
+
+
+@token.command("rotate")
+@home_option
+@click.argument("token_id", type=int)
+@click.option("--grace", "grace_hours", type=int, default=DEFAULT_GRACE_HOURS,
+              show_default=True, help=f"Hours the old token keeps working "
+              f"({MIN_GRACE_HOURS}-{MAX_GRACE_HOURS}).")
+@json_option
+def token_rotate(home: Path, token_id: int, grace_hours: int, as_json: bool) -> None:
+    """Replace a token: the new one is shown once, the old one works until the grace
+    ends."""
+
+    async def rotate(session: AsyncSession, _: object) -> tuple[Issued, TokenInfo]:
+        issued = await rotate_token(session, token_id=token_id, grace_hours=grace_hours,
+                                    now_ms=now_ms())
+        info = next(t for t in await list_tokens(session, tenant=None, now_ms=now_ms())
+                    if t.id == issued.id)
+        await append_audit(session, audited(
+            "token.rotate", tenant=info.tenant, target=f"token {token_id}",
+            reason=f"replaced by token {issued.id}, grace {grace_hours} h" + _retired(issued)))
+        return issued, info
+
+    issued, info = with_session(home, rotate, audited(
+        "token.rotate", target=f"token {token_id}"), audit_success=False)
+    _print_issued(issued, as_json, tenant=info.tenant, principal=info.principal,
+                  role=info.role, replaces=str(token_id))
+
+
+@token.command("revoke")
+@home_option
+@click.argument("token_id", type=int)
+def token_revoke(home: Path, token_id: int) -> None:
+    """Stop a token at once."""
+    with_session(home, lambda s, _: revoke_token(s, token_id=token_id, now_ms=now_ms()),
+                 audited("token.revoke", target=f"token {token_id}"))
+    click.echo(f"revoked token {token_id}")
 
 
 @click.group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hub.dispatch import SpokeDispatcher
 from hub.operator import HubOperator
 from hub.service import OperatorService
+from shared.audit import AuditTrail
 from shared.config import Config
 from shared.daemon import add_health, announce, serve_until_stopped
 from shared.db.engine import make_engine, make_sessions
@@ -20,7 +21,8 @@ async def run_hub(cfg: Config, listen: str) -> None:
     engine = make_engine(cfg.db_url)
     sessions = make_sessions(engine)
     dispatcher = SpokeDispatcher(cfg, identity, DbKeyring(sessions), sessions)
-    service = OperatorService(sessions, HubOperator(sessions, dispatcher))
+    trail = AuditTrail(sessions)
+    service = OperatorService(trail, HubOperator(trail, dispatcher))
     server, port = await start_server(listen, [
         lambda s: operator_pb2_grpc.add_OperatorServiceServicer_to_server(service, s),
         lambda s: add_health(s, "fleetwire.v1.OperatorService"),

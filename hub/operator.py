@@ -10,10 +10,10 @@ import asyncio
 import secrets
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from hub.dispatch import SpokeDispatcher
 from hub.registry import HubRegistry
+from shared.audit import ALLOWED, AuditEntry, AuditTrail
 from shared.config import SLUG_RE, check_name
 from shared.db import models
 from shared.errors import (
@@ -28,17 +28,29 @@ from shared.peers import ACTIVE
 from shared.scope import Action, current_scope, require_role
 
 
+def _state(agent: wire_pb2.Agent) -> str:
+    return wire_pb2.AgentState.Name(agent.state).removeprefix("AGENT_STATE_")
+
+
+def _done(action: str, agent: wire_pb2.Agent, spoke: str, message_id: str,
+          reason: str) -> AuditEntry:
+    """The audit record of a change the operator asked for and a spoke carried out."""
+    scope = current_scope()
+    return AuditEntry(action=action, outcome=ALLOWED, tenant=scope.tenant,
+                      workspace=agent.workspace, principal=scope.principal.name, peer=spoke,
+                      target=agent.agent_id, message_id=message_id, reason=reason)
+
+
 def _not_found_spoke(spoke: str) -> NotFound:
     return NotFound(f"spoke '{spoke}' not found; the hub knows it only after `fleetwire peer "
                     "add --address`")
 
 
 class HubOperator:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession],
-                 dispatcher: SpokeDispatcher) -> None:
-        self._sessions = sessions
+    def __init__(self, trail: AuditTrail, dispatcher: SpokeDispatcher) -> None:
+        self._trail = trail
         self._dispatch = dispatcher
-        self.registry = HubRegistry(sessions)
+        self.registry = HubRegistry(trail)
 
     def _command(self, workspace: str) -> wire_pb2.Command:
         scope = current_scope()
@@ -72,7 +84,9 @@ class HubOperator:
         except FleetwireError:
             await self.registry.forget(agent_id)
             raise
-        return await self._seen(req.spoke, response.agent)
+        return await self._seen(req.spoke, response.agent, _done(
+            "agent.spawn", response.agent, req.spoke, message_id,
+            f"template {req.template}: {_state(response.agent)}"))
 
     async def status(self, agent_id: str) -> wire_pb2.Agent:
         require_role(current_scope().principal, Action.STATUS)
@@ -92,10 +106,13 @@ class HubOperator:
         command.kill.agent_id = agent_id
         if grace_ms is not None:
             command.kill.grace_ms = grace_ms
-        response = await self._dispatch.send(
-            known.spoke, await self._address(known.spoke), command,
+        message_id, signed = self._dispatch.seal(known.spoke, command)
+        response = await self._dispatch.deliver(
+            known.spoke, await self._address(known.spoke), message_id, signed,
             extra_timeout=(grace_ms or 0) / 1000 + 10.0)
-        return await self._seen(known.spoke, response.agent)
+        return await self._seen(known.spoke, response.agent, _done(
+            "agent.kill", response.agent, known.spoke, message_id,
+            f"{_state(response.agent)}: {response.agent.reason}"))
 
     async def list_agents(
         self, req: operator_pb2.ListAgentsRequest
@@ -138,18 +155,20 @@ class HubOperator:
         return known
 
     async def _all_spokes(self) -> list[tuple[str, str]]:
-        async with self._sessions() as session:
+        async with self._trail.reader() as session:
             rows = (await session.execute(
                 select(models.Peer.name, models.Peer.address)
                 .where(models.Peer.state == ACTIVE, models.Peer.address != "")
                 .order_by(models.Peer.name))).all()
         return [(name, address) for name, address in rows]
 
-    async def _seen(self, spoke: str, agent: wire_pb2.Agent) -> wire_pb2.Agent:
-        """Check a spoke's answer is in the caller's tenant, record it, name its spoke."""
+    async def _seen(self, spoke: str, agent: wire_pb2.Agent,
+                    audit: AuditEntry | None = None) -> wire_pb2.Agent:
+        """Check a spoke's answer is in the caller's tenant, record it (with the audit
+        record of the change, if any), name its spoke."""
         if agent.tenant != current_scope().tenant:
             # A spoke answering with another tenant's agent is broken or hostile.
-            raise NotFound(f"agent '{agent.agent_id}' not found")
-        await self.registry.observe(spoke, agent)
+            raise not_found_agent(agent.agent_id)
+        await self.registry.observe(spoke, agent, audit)
         agent.spoke = spoke
         return agent

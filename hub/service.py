@@ -8,10 +8,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from hub.operator import HubOperator
-from hub.tokens import authenticate
+from hub.tokens import Authenticated, TokenExpired, authenticate, deactivate_token
+from shared.audit import REFUSED, AuditEntry, AuditTrail, append_audit
+from shared.envelope import now_ms
 from shared.errors import FleetwireError, Internal, Unauthenticated, abort
 from shared.pb.v1 import operator_pb2, operator_pb2_grpc, wire_pb2
 from shared.scope import Scope, use_scope
@@ -21,54 +22,76 @@ R = TypeVar("R")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
 
 
-def _authorized(method: Handler[R]) -> Handler[R]:
-    """Resolve the bearer token to tenant and principal, set the scope, map errors."""
+def _authorized(action: str) -> Callable[[Handler[R]], Handler[R]]:
+    """Resolve the bearer token to tenant and principal, set the scope, map errors, and
+    audit every refusal."""
 
-    @functools.wraps(method)
-    async def wrapper(self: OperatorService, request: Any,
-                      context: grpc.aio.ServicerContext) -> R:
-        try:
-            token = ""
-            for key, value in context.invocation_metadata() or ():
-                if key == "authorization" and isinstance(value, str):
-                    token = value.removeprefix("Bearer ").strip()
-            if not token:
-                raise Unauthenticated(
-                    "no operator token; pass --token or set FLEETWIRE_TOKEN")
-            async with self._sessions() as session:
-                tenant, principal = await authenticate(session, token)
-            with use_scope(Scope(tenant=tenant, workspace=None, principal=principal)):
-                return await method(self, request, context)
-        except FleetwireError as err:
-            await abort(context, err)
-        except Exception:
-            log.exception("operator request failed")
-            await abort(context, Internal("internal error on the hub; its log has the details"))
+    def decorate(method: Handler[R]) -> Handler[R]:
+        @functools.wraps(method)
+        async def wrapper(self: OperatorService, request: Any,
+                          context: grpc.aio.ServicerContext) -> R:
+            auth: Authenticated | None = None
+            try:
+                token = ""
+                for key, value in context.invocation_metadata() or ():
+                    if key == "authorization" and isinstance(value, str):
+                        token = value.removeprefix("Bearer ").strip()
+                if not token:
+                    raise Unauthenticated(
+                        "no operator token; pass --token or set FLEETWIRE_TOKEN")
+                async with self._trail.reader() as session:
+                    auth = await authenticate(session, token, now_ms=now_ms())
+                scope = Scope(tenant=auth.tenant, workspace=None, principal=auth.principal)
+                with use_scope(scope):
+                    return await method(self, request, context)
+            except FleetwireError as err:
+                refusal = err
+            except Exception:
+                log.exception("operator request failed")
+                refusal = Internal("internal error on the hub; its log has the details")
+            await self._refused(action, auth, request, refusal)
+            await abort(context, refusal)
 
-    return wrapper
+        return wrapper
+
+    return decorate
 
 
 class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], operator: HubOperator) -> None:
-        self._sessions = sessions
+    def __init__(self, trail: AuditTrail, operator: HubOperator) -> None:
+        self._trail = trail
         self._operator = operator
 
-    @_authorized
+    async def _refused(self, action: str, auth: Authenticated | None, request: Any,
+                       err: FleetwireError) -> None:
+        """Audit a refused request; deactivate a token used after its grace with it."""
+        async with self._trail.transaction() as session:
+            if isinstance(err, TokenExpired):
+                await deactivate_token(session, err.token_id, now_ms())
+            await append_audit(session, AuditEntry(
+                action=action, outcome=REFUSED,
+                tenant=auth.tenant if auth else "",
+                workspace=getattr(request, "workspace", ""),
+                principal=auth.principal.name if auth else "",
+                target=getattr(request, "agent_id", "") or getattr(request, "spoke", ""),
+                reason=err.message))
+
+    @_authorized("agent.spawn")
     async def SpawnAgent(self, request: operator_pb2.SpawnAgentRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> wire_pb2.Agent:
         return await self._operator.spawn(request)
 
-    @_authorized
+    @_authorized("agent.status")
     async def GetAgent(self, request: operator_pb2.GetAgentRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> wire_pb2.Agent:
         return await self._operator.status(request.agent_id)
 
-    @_authorized
+    @_authorized("agent.list")
     async def ListAgents(self, request: operator_pb2.ListAgentsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> operator_pb2.ListAgentsResponse:
         return await self._operator.list_agents(request)
 
-    @_authorized
+    @_authorized("agent.kill")
     async def KillAgent(self, request: operator_pb2.KillAgentRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> wire_pb2.Agent:
         grace = request.grace_ms if request.HasField("grace_ms") else None

@@ -62,10 +62,10 @@ def local_principal() -> str:
 
 
 def with_session(home: Path, fn: Callable[[AsyncSession, Config], Awaitable[T]],
-                 audit: AuditEntry | None = None) -> T:
+                 audit: AuditEntry | None = None, *, audit_success: bool = True) -> T:
     """Run fn in one committed transaction on the instance's database. With audit, the
-    change is recorded in the same transaction, and a refusal in a transaction of its
-    own."""
+    change is recorded in the same transaction (unless fn records it itself:
+    audit_success=False), and a refusal in a transaction of its own."""
     cfg = load_config(home)
 
     async def go() -> T:
@@ -75,7 +75,7 @@ def with_session(home: Path, fn: Callable[[AsyncSession, Config], Awaitable[T]],
             try:
                 async with sessions() as session, session.begin():
                     result = await fn(session, cfg)
-                    if audit is not None:
+                    if audit is not None and audit_success:
                         await append_audit(session, audit)
                     return result
             except FleetwireError as err:

@@ -127,10 +127,8 @@ class OperatorToken(Base):
     revoked_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # Set when the token was rotated out: it works until then, never after.
     expires_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    # Short public handle for list/revoke: the first hex digits of the digest.
-    @property
-    def handle(self) -> str:
-        return self.token_sha256[:12]
+    # The token that replaced this one; 0 while a rotation is claiming it.
+    replaced_by_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class HubAgent(Base):

@@ -39,6 +39,7 @@ def upgrade() -> None:
 
     with op.batch_alter_table('operator_tokens', schema=None) as batch_op:
         batch_op.add_column(sa.Column('expires_at_ms', sa.BigInteger(), nullable=True))
+        batch_op.add_column(sa.Column('replaced_by_id', sa.Integer(), nullable=True))
 
     with op.batch_alter_table('workspaces', schema=None) as batch_op:
         batch_op.add_column(sa.Column('max_agents', sa.Integer(), nullable=True))
@@ -50,6 +51,7 @@ def downgrade() -> None:
         batch_op.drop_column('max_agents')
 
     with op.batch_alter_table('operator_tokens', schema=None) as batch_op:
+        batch_op.drop_column('replaced_by_id')
         batch_op.drop_column('expires_at_ms')
 
     with op.batch_alter_table('audit_log', schema=None) as batch_op:
