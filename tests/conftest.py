@@ -80,8 +80,10 @@ class Federation:
         return str(json.loads(out)["token"])
 
     def add_spoke(self, name: str, *, tenants: dict[str, list[str]],
-                  hub_address: str | None = None, start: bool = True) -> Daemon | None:
-        """Create, configure and (optionally) start one more spoke known to the hub."""
+                  hub_address: str | None = None, start: bool = True,
+                  grants: list[tuple[str, str | None, str]] | None = None) -> Daemon | None:
+        """Create, configure and (optionally) start one more spoke known to the hub.
+        grants: (tenant, workspace or None, max role); default: every tenant, operator."""
         fed = self.fed
         home = fed.init(name)
         with open(home / "config.toml", "a") as f:
@@ -91,9 +93,10 @@ class Federation:
             for ws in workspaces:
                 fed.cli("workspace", "create", "--home", str(home), "--tenant", tenant, ws)
         fed.trust(name, self.hub.name)
-        for tenant in tenants:
+        for tenant, workspace, role in grants or [(t, None, "operator") for t in tenants]:
             fed.cli("grant", "add", "--home", str(home), "--peer", self.hub.name,
-                    "--tenant", tenant)
+                    "--tenant", tenant, "--max-role", role,
+                    *(["--workspace", workspace] if workspace else []))
         if not start:
             return None
         daemon = fed.start("spoke", name)
