@@ -115,6 +115,8 @@ def init(home: Path, name: str) -> None:
     cfg = load_config(home)
     upgrade(cfg.db_url)
     ident = load_identity(name, cfg.key_path)
+    with_session(home, lambda s, _: append_audit(s, audited(
+        "instance.init", target=name, reason=f"key_id {ident.key_id}")))
     click.echo(f"initialized '{name}' in {home} (key_id {ident.key_id})")
 
 

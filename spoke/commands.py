@@ -111,15 +111,19 @@ class SpokeCommands:
             raise hidden()
         async with self._sessions() as session:
             grant = await tenant_grant(session, peer, command.tenant)
-            if grant is None:
+            # Asked even without a grant, so an ungranted tenant and a missing workspace
+            # cost the same work: the answer's timing tells nothing either.
+            exists = workspace is None or await workspace_exists(session, command.tenant,
+                                                                 workspace)
+        if grant is None or not exists:
+            raise hidden()
+        if workspace is not None:
+            found = grant.max_role_in(workspace)
+            if found is None:
                 raise hidden()
-            if workspace is not None:
-                limit = grant.max_role_in(workspace)
-                if limit is None or not await workspace_exists(session, command.tenant,
-                                                               workspace):
-                    raise hidden()
-            else:
-                limit = max(grant.roles.values())
+            limit = found
+        else:
+            limit = max(grant.roles.values())
         asserted = Role.from_wire(command.principal.role)
         # The hub's claim never exceeds what this spoke granted it.
         principal = Principal(name=command.principal.name or "unknown",
