@@ -66,7 +66,7 @@ class LocalFederation:
             self.echo(f"$ fleetwire {shown}")
         result = self.run_cli(list(args), env or {})
         if self.echo and show:
-            for line in (result.stdout + result.stderr).strip().splitlines():
+            for line in (result.stdout + result.stderr).strip("\n").splitlines():
                 self.echo(f"  {line}")
             if result.returncode:
                 self.echo(f"  (exit code {result.returncode})")
@@ -267,6 +267,12 @@ def run_demo(*, keep: bool = False) -> None:
 
         title("Final list")
         agent("list", env=acme)
+
+        title("Each instance's audit trail: what it decided, and an intact hash chain")
+        fed.cli("audit", "list", "--home", str(fed.homes["spoke-b"]), "--tenant", "acme")
+        fed.cli("audit", "list", "--home", str(fed.homes["hub"]), "--tenant", "globex")
+        for name in fed.homes:
+            fed.cli("audit", "verify", "--home", str(fed.homes[name]))
 
         title("Stop the daemons and clean up")
         fed.close()

@@ -143,7 +143,7 @@ async def test_load_records_filters_by_tenant(sessions) -> None:
 
 
 @pytest.mark.parametrize(("column", "value"), [
-    ("reason", "'nothing to see'"), ("action", "'test.other'"), ("outcome", "'allowed'"),
+    ("reason", "'nothing to see'"), ("action", "'test.other'"), ("outcome", "'hidden'"),
     ("tenant", "'globex'"), ("principal", "'mallory'"), ("at_ms", "at_ms + 1")])
 async def test_edited_field_names_the_record(sessions, db_path: Path, column: str,
                                              value: str) -> None:
@@ -334,8 +334,8 @@ def run(cli, *args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-def audit_json(cli, home: Path) -> list[dict]:
-    result = run(cli, "audit", "list", "--home", str(home), "--json")
+def audit_json(cli, home: Path, *extra: str) -> list[dict]:
+    result = run(cli, "audit", "list", "--home", str(home), "--json", *extra)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -350,34 +350,44 @@ def table_rows(db: Path) -> dict[str, list[tuple]]:
 
 def test_cli_audit_verify_list_and_tamper(cli, home: Path) -> None:
     h = str(home)
-    assert run(cli, "audit", "verify", "--home", h).exit_code == 0  # empty chain
+    # Whatever `init` itself records (if anything) is the baseline.
+    base = audit_json(cli, home)
+    assert verify_chain_ok(cli, home, len(base))
     created = run(cli, "tenant", "create", "--home", h, "acme")
     assert created.exit_code == 0, created.output
     assert run(cli, "tenant", "create", "--home", h, "globex").exit_code == 0
 
+    rows = audit_json(cli, home)
+    assert rows[: len(base)] == base
+    new = rows[len(base):]
+    n = len(base)
+    assert [(r["seq"], r["action"], r["outcome"], r["tenant"], r["target"]) for r in new] == [
+        (n + 1, "tenant.create", "allowed", "acme", "acme"),
+        (n + 2, "tenant.create", "allowed", "globex", "globex")]
+    assert all(r["principal"].startswith("local:") for r in new)
+    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+
     ok = run(cli, "audit", "verify", "--home", h)
     assert ok.exit_code == 0, ok.output
-    assert "audit trail intact: 2 records" in ok.stdout
-
-    rows = audit_json(cli, home)
-    assert [(r["seq"], r["action"], r["outcome"], r["tenant"], r["target"]) for r in rows] == [
-        (1, "tenant.create", "allowed", "acme", "acme"),
-        (2, "tenant.create", "allowed", "globex", "globex")]
-    assert all(r["principal"].startswith("local:") for r in rows)
+    assert f"audit trail intact: {len(rows)} records" in ok.stdout
     assert rows[-1]["hash"] in ok.stdout  # verify prints the head
-    assert [r["tenant"] for r in json.loads(run(
-        cli, "audit", "list", "--home", h, "--tenant", "globex", "--json").stdout)] == [
-        "globex"]
-    assert [r["seq"] for r in json.loads(run(
-        cli, "audit", "list", "--home", h, "--limit", "1", "--json").stdout)] == [2]
+
+    assert [r["tenant"] for r in audit_json(cli, home, "--tenant", "globex")] == ["globex"]
+    assert [r["seq"] for r in audit_json(cli, home, "--limit", "1")] == [len(rows)]
     text = run(cli, "audit", "list", "--home", h)
     assert text.exit_code == 0 and "tenant.create" in text.stdout
 
     tamper(home / "state.db", "UPDATE audit_log SET reason='x' WHERE seq=1")
     bad = run(cli, "audit", "verify", "--home", h)
     assert bad.exit_code == 1
-    assert "audit trail broken at record 1" in bad.stderr
+    assert "audit trail broken at record 1:" in bad.stderr
+    assert "edited" in bad.stderr
     assert "intact" not in bad.stdout
+
+
+def verify_chain_ok(cli, home: Path, count: int) -> bool:
+    result = run(cli, "audit", "verify", "--home", str(home))
+    return result.exit_code == 0 and f"audit trail intact: {count} records" in result.stdout
 
 
 @pytest.mark.parametrize(("args", "code", "action", "why"), [
@@ -390,26 +400,27 @@ def test_cli_refusal_leaves_one_refused_record_and_no_change(
     h = str(home)
     assert run(cli, "tenant", "create", "--home", h, "acme").exit_code == 0
     before = table_rows(home / "state.db")
+    base = audit_json(cli, home)
 
-    cmd, *rest = args
-    sub, *rest = rest
+    cmd, sub, *rest = args
     result = run(cli, cmd, sub, "--home", h, *rest)
     assert result.exit_code == code, result.output
     assert why in result.stderr
 
     assert table_rows(home / "state.db") == before  # nothing else changed
     rows = audit_json(cli, home)
-    assert [(r["action"], r["outcome"]) for r in rows] == [
-        ("tenant.create", "allowed"), (action, "refused")]
-    assert why in rows[1]["reason"]
-    verified = run(cli, "audit", "verify", "--home", h)
-    assert verified.exit_code == 0
-    assert "intact: 2 records" in verified.stdout
+    assert rows[: len(base)] == base
+    (refused,) = rows[len(base):]
+    assert (refused["action"], refused["outcome"]) == (action, "refused")
+    assert why in refused["reason"]
+    assert refused["principal"].startswith("local:")
+    assert verify_chain_ok(cli, home, len(rows))
 
 
 def test_cli_token_create_records_itself_once(cli, home: Path) -> None:
     h = str(home)
     assert run(cli, "tenant", "create", "--home", h, "acme").exit_code == 0
+    base = audit_json(cli, home)
     made = run(cli, "token", "create", "--home", h, "--tenant", "acme", "--principal",
                "alice", "--json")
     assert made.exit_code == 0, made.output
@@ -418,10 +429,10 @@ def test_cli_token_create_records_itself_once(cli, home: Path) -> None:
     assert refused.exit_code == 3
 
     rows = audit_json(cli, home)
-    assert [(r["action"], r["outcome"]) for r in rows] == [
-        ("tenant.create", "allowed"), ("token.create", "allowed"),
-        ("token.create", "refused")]
-    assert rows[1]["target"] == f"token {token['id']}"
-    assert "principal alice" in rows[1]["reason"]
+    new = rows[len(base):]
+    assert [(r["action"], r["outcome"]) for r in new] == [
+        ("token.create", "allowed"), ("token.create", "refused")]
+    assert new[0]["target"] == f"token {token['id']}"
+    assert "principal alice" in new[0]["reason"]
     assert token["token"] not in json.dumps(rows)  # the secret never reaches the trail
-    assert run(cli, "audit", "verify", "--home", h).exit_code == 0
+    assert verify_chain_ok(cli, home, len(rows))
