@@ -57,23 +57,26 @@ class Issued:
 
 
 async def _issue(session: AsyncSession, *, tenant_id: int, principal: str, role: Role,
-                 now_ms: int) -> Issued:
+                 now_ms: int, in_grace: int | None = None) -> Issued:
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = models.OperatorToken(token_sha256=token_digest(token), tenant_id=tenant_id,
                                principal=principal, role=role.value, created_at_ms=now_ms)
     session.add(row)
     await session.flush()
-    retired = await _retire_beyond_limit(session, tenant_id, principal, now_ms)
+    retired = await _retire_beyond_limit(session, tenant_id, principal, now_ms, in_grace)
     return Issued(id=row.id, token=token, retired=retired)
 
 
 async def _retire_beyond_limit(session: AsyncSession, tenant_id: int, principal: str,
-                               now_ms: int) -> tuple[int, ...]:
+                               now_ms: int, in_grace: int | None) -> tuple[int, ...]:
+    """Retire the oldest working tokens beyond MAX_ACTIVE. A token being rotated out
+    (in_grace) is retired last: its grace is what rotation promises."""
     t = models.OperatorToken
     active = list((await session.execute(
         select(t.id).where(t.tenant_id == tenant_id, t.principal == principal,
                            _active(now_ms))
         .order_by(t.created_at_ms, t.id))).scalars())
+    active.sort(key=lambda token_id: token_id == in_grace)  # stable: keeps age order
     retired = tuple(active[: max(0, len(active) - MAX_ACTIVE)])
     if retired:
         await session.execute(update(t).where(t.id.in_(retired)).values(revoked_at_ms=now_ms))
@@ -108,7 +111,7 @@ async def rotate_token(session: AsyncSession, *, token_id: int, grace_hours: int
             "expired, or already rotated); see `fleetwire token list`")
     old = (await session.execute(select(t).where(t.id == token_id))).scalar_one()
     issued = await _issue(session, tenant_id=old.tenant_id, principal=old.principal,
-                          role=Role(old.role), now_ms=now_ms)
+                          role=Role(old.role), now_ms=now_ms, in_grace=token_id)
     grace_end = now_ms + grace_hours * _HOUR_MS
     await session.execute(update(t).where(t.id == token_id).values(
         replaced_by_id=issued.id,

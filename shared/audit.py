@@ -1,8 +1,9 @@
 """The audit trail: an append-only, hash-chained record of every change and refusal.
 
 Each record holds the hash of the one before it; its own hash covers its sequence
-number, every field and that previous hash. Editing, removing or reordering any record
-breaks the chain at that record, which `verify_chain` names. A record is appended in the
+number, every field and that previous hash. Editing, reordering, or removing any record
+but the newest breaks the chain at that record, which `verify_chain` names; removing
+records from the end shows only as a different head hash. A record is appended in the
 same transaction as the change it describes.
 """
 

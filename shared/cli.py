@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import ALLOWED, REFUSED, AuditEntry, append_audit, load_records, verify_chain
 from shared.config import Config, check_name, default_config_text, load_config
 from shared.db.engine import make_engine, make_sessions, upgrade
-from shared.errors import FleetwireError, InvalidArgument
+from shared.errors import FleetwireError, InvalidArgument, Unavailable
 from shared.identity import decode_public_key, generate_key_file, load_identity
 from shared.peers import add_peer, list_peers
 from shared.tenancy import create_tenant, create_workspace, list_tenants
@@ -78,6 +79,12 @@ def with_session(home: Path, fn: Callable[[AsyncSession, Config], Awaitable[T]],
                     if audit is not None and audit_success:
                         await append_audit(session, audit)
                     return result
+            except (IntegrityError, OperationalError) as exc:
+                # What fn did not turn into a refusal itself: another process changed the
+                # database (or took the audit chain's tail) at the same moment.
+                raise Unavailable(
+                    f"{home} was busy with another change ({type(exc).__name__}); run the "
+                    "command again") from None
             except FleetwireError as err:
                 if audit is not None:
                     async with sessions() as session, session.begin():

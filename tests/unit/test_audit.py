@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import sqlite3
@@ -99,7 +100,7 @@ async def test_append_builds_a_linked_chain(sessions) -> None:
     records = await load(sessions)
     assert [r.seq for r in records] == [1, 2, 3, 4, 5]
     assert records[0].prev_hash == GENESIS == "0" * 64
-    for before, rec in zip(records, records[1:], strict=False):
+    for before, rec in itertools.pairwise(records):
         assert rec.prev_hash == before.hash
     for i, rec in enumerate(records, start=1):
         assert rec.at_ms == T0 + i
@@ -289,7 +290,7 @@ async def test_racing_appends_without_the_lock_cannot_fork(engine, sessions) -> 
     await append_n(sessions, 2)
     second_inserting = asyncio.Event()
 
-    def spy(conn, cursor, statement, params, context, executemany) -> None:  # noqa: ANN001
+    def spy(conn, cursor, statement, params, context, executemany) -> None:
         if statement.lstrip().startswith("INSERT INTO audit_log"):
             second_inserting.set()
 
