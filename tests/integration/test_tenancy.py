@@ -161,3 +161,24 @@ async def test_every_change_and_refusal_is_audited_and_the_chain_verifies(
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE audit_log SET principal = 'alice' WHERE seq = ?", (seq,))
     assert (await audit(fed, "spoke-a", "verify"))[0] == 0
+
+
+async def test_token_used_after_its_grace_is_refused_and_deactivated(fed: Federation) -> None:
+    hub_home = fed.home(fed.hub.name)
+    made = json.loads((await asyncio.to_thread(
+        fed.fed.cli, "token", "create", "--home", str(hub_home), "--tenant", "acme",
+        "--principal", "gus", "--json")).stdout)
+    await asyncio.to_thread(fed.fed.cli, "token", "rotate", "--home", str(hub_home),
+                            str(made["id"]), "--grace", "1")
+    # Stand-in for an hour passing: move the grace end into the past.
+    with sqlite3.connect(hub_home / "state.db") as conn:
+        conn.execute("UPDATE operator_tokens SET expires_at_ms = 1 WHERE id = ?",
+                     (made["id"],))
+    async with HubClient(fed.hub.address, made["token"]) as hub:
+        with pytest.raises(Unauthenticated) as err:
+            await hub.list(spoke="spoke-a")
+    assert "grace ended" in err.value.message
+    with sqlite3.connect(hub_home / "state.db") as conn:
+        revoked = conn.execute("SELECT revoked_at_ms FROM operator_tokens WHERE id = ?",
+                               (made["id"],)).fetchone()[0]
+    assert revoked is not None, "the expired token was deactivated when used"
