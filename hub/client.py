@@ -11,6 +11,7 @@ from shared.errors import FleetwireError, InvalidArgument, from_rpc_error
 from shared.pb.v1 import operator_pb2, operator_pb2_grpc, wire_pb2
 from shared.peers import check_address
 from shared.rpc import open_channel
+from shared.scope import Role
 
 CALL_TIMEOUT_SECONDS = 60.0
 
@@ -62,3 +63,25 @@ class HubClient:
             req.grace_ms = grace_ms
         timeout = CALL_TIMEOUT_SECONDS + (grace_ms or 0) / 1000
         return await self._call("KillAgent", req, timeout)  # type: ignore[return-value]
+
+    async def create_token(self, principal: str, role: Role) -> operator_pb2.IssuedToken:
+        req = operator_pb2.CreateTokenRequest(principal=principal, role=f"ROLE_{role.name}")
+        return await self._call("CreateToken", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+
+    async def list_tokens(self) -> operator_pb2.ListTokensResponse:
+        req = operator_pb2.ListTokensRequest()
+        return await self._call("ListTokens", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+
+    async def rotate_token(self, token_id: int, grace_hours: int) -> operator_pb2.IssuedToken:
+        req = operator_pb2.RotateTokenRequest(id=token_id, grace_hours=grace_hours)
+        return await self._call("RotateToken", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+
+    async def revoke_token(self, token_id: int) -> None:
+        req = operator_pb2.RevokeTokenRequest(id=token_id)
+        await self._call("RevokeToken", req, CALL_TIMEOUT_SECONDS)
+
+    async def create_workspace(self, *, spoke: str, workspace: str,
+                               max_agents: int) -> wire_pb2.Workspace:
+        req = operator_pb2.CreateWorkspaceRequest(spoke=spoke, workspace=workspace,
+                                                  max_agents=max_agents)
+        return await self._call("CreateWorkspace", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from hub.dispatch import SpokeDispatcher
 from hub.registry import HubRegistry
-from shared.audit import ALLOWED, AuditEntry, AuditTrail
+from shared.audit import ALLOWED, AuditEntry, AuditTrail, append_audit
 from shared.config import SLUG_RE, check_name
 from shared.db import models
 from shared.errors import (
@@ -147,6 +147,29 @@ class HubOperator:
                 out.agents.extend(result)
         out.agents.sort(key=lambda a: (a.created_at_ms, a.agent_id))
         return out
+
+    async def create_workspace(self, req: operator_pb2.CreateWorkspaceRequest
+                               ) -> wire_pb2.Workspace:
+        """Ask a spoke to make a workspace in the caller's tenant (admins only)."""
+        require_role(current_scope().principal, Action.MANAGE)
+        if not SLUG_RE.match(req.workspace):
+            raise InvalidArgument(f"workspace '{req.workspace}' is not a valid slug")
+        command = self._command(req.workspace)
+        command.create_workspace.max_agents = req.max_agents
+        message_id, signed = self._dispatch.seal(req.spoke, command)
+        response = await self._dispatch.deliver(req.spoke, await self._address(req.spoke),
+                                                message_id, signed)
+        made = response.workspace
+        scope = current_scope()
+        if made.tenant != scope.tenant or made.workspace != req.workspace:
+            raise InvalidArgument(f"spoke '{req.spoke}' answered with another workspace")
+        async with self._trail.transaction() as session:
+            await append_audit(session, AuditEntry(
+                action="workspace.create", outcome=ALLOWED, tenant=scope.tenant,
+                workspace=req.workspace, principal=scope.principal.name, peer=req.spoke,
+                target=req.workspace, message_id=message_id))
+        made.spoke = req.spoke
+        return made
 
     async def _known(self, agent_id: str) -> models.HubAgent:
         known = await self.registry.find(agent_id)

@@ -10,12 +10,14 @@ from typing import Any, TypeVar
 import grpc
 
 from hub.operator import HubOperator
-from hub.tokens import Authenticated, TokenExpired, authenticate, deactivate_token
+from hub.token_admin import TenantTokens
+from hub.tokens import Authenticated, Issued, TokenExpired, authenticate, deactivate_token
 from shared.audit import REFUSED, AuditEntry, AuditTrail, append_audit
+from shared.config import check_name
 from shared.envelope import now_ms
 from shared.errors import FleetwireError, Internal, Unauthenticated, abort
 from shared.pb.v1 import operator_pb2, operator_pb2_grpc, wire_pb2
-from shared.scope import Scope, use_scope
+from shared.scope import Role, Scope, current_scope, use_scope
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -61,6 +63,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     def __init__(self, trail: AuditTrail, operator: HubOperator) -> None:
         self._trail = trail
         self._operator = operator
+        self._tokens = TenantTokens(trail)
 
     async def _refused(self, action: str, auth: Authenticated | None, request: Any,
                        err: FleetwireError) -> None:
@@ -96,3 +99,48 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                         context: grpc.aio.ServicerContext) -> wire_pb2.Agent:
         grace = request.grace_ms if request.HasField("grace_ms") else None
         return await self._operator.kill(request.agent_id, grace)
+
+    @_authorized("token.create")
+    async def CreateToken(self, request: operator_pb2.CreateTokenRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> operator_pb2.IssuedToken:
+        check_name("principal", request.principal)
+        role = Role.from_wire(request.role)
+        issued = await self._tokens.create(request.principal, role)
+        return _issued(issued, current_scope().tenant, request.principal, role)
+
+    @_authorized("token.list")
+    async def ListTokens(self, request: operator_pb2.ListTokensRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> operator_pb2.ListTokensResponse:
+        return operator_pb2.ListTokensResponse(tokens=[
+            operator_pb2.TokenInfo(
+                id=t.id, tenant=t.tenant, principal=t.principal,
+                role=f"ROLE_{t.role.upper()}", created_at_ms=t.created_at_ms, state=t.state,
+                expires_at_ms=t.expires_at_ms or 0, replaced_by_id=t.replaced_by_id or 0)
+            for t in await self._tokens.list()])
+
+    @_authorized("token.rotate")
+    async def RotateToken(self, request: operator_pb2.RotateTokenRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> operator_pb2.IssuedToken:
+        issued, info = await self._tokens.rotate(request.id, request.grace_hours)
+        out = _issued(issued, info.tenant, info.principal, Role.parse(info.role))
+        out.replaces = request.id
+        return out
+
+    @_authorized("token.revoke")
+    async def RevokeToken(self, request: operator_pb2.RevokeTokenRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext
+                          ) -> operator_pb2.RevokeTokenResponse:
+        await self._tokens.revoke(request.id)
+        return operator_pb2.RevokeTokenResponse()
+
+    @_authorized("workspace.create")
+    async def CreateWorkspace(self, request: operator_pb2.CreateWorkspaceRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> wire_pb2.Workspace:
+        return await self._operator.create_workspace(request)
+
+
+def _issued(issued: Issued, tenant: str, principal: str, role: Role
+            ) -> operator_pb2.IssuedToken:
+    return operator_pb2.IssuedToken(id=issued.id, token=issued.token, tenant=tenant,
+                                    principal=principal, role=f"ROLE_{role.name}",
+                                    retired=list(issued.retired))

@@ -56,6 +56,11 @@ class Issued:
     retired: tuple[int, ...]
 
 
+def describe_retired(issued: Issued) -> str:
+    """'; retired token 1, 2' for audit reasons and messages, or ''."""
+    return f"; retired token {', '.join(map(str, issued.retired))}" if issued.retired else ""
+
+
 async def _issue(session: AsyncSession, *, tenant_id: int, principal: str, role: Role,
                  now_ms: int, in_grace: int | None = None) -> Issued:
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -91,8 +96,16 @@ async def create_token(session: AsyncSession, *, tenant: str, principal: str, ro
     return await _issue(session, tenant_id=t.id, principal=principal, role=role, now_ms=now_ms)
 
 
+def _in_tenant(tenant: str | None):  # type: ignore[no-untyped-def]
+    """No filter for the hub's local admin (None); else only that tenant's tokens."""
+    t = models.OperatorToken
+    if tenant is None:
+        return t.id.is_not(None)
+    return t.tenant_id.in_(select(models.Tenant.id).where(models.Tenant.slug == tenant))
+
+
 async def rotate_token(session: AsyncSession, *, token_id: int, grace_hours: int,
-                       now_ms: int) -> Issued:
+                       now_ms: int, tenant: str | None = None) -> Issued:
     """Replace a working token; the old one keeps working for grace_hours.
 
     The claim on the old token is the transaction's first statement, a compare-and-set,
@@ -103,7 +116,8 @@ async def rotate_token(session: AsyncSession, *, token_id: int, grace_hours: int
             f"grace must be {MIN_GRACE_HOURS} to {MAX_GRACE_HOURS} hours, not {grace_hours}")
     t = models.OperatorToken
     claimed = await session.execute(
-        update(t).where(t.id == token_id, t.replaced_by_id.is_(None), _active(now_ms))
+        update(t).where(t.id == token_id, t.replaced_by_id.is_(None), _active(now_ms),
+                        _in_tenant(tenant))
         .values(replaced_by_id=0))
     if getattr(claimed, "rowcount", 0) != 1:
         raise NotFound(
@@ -119,9 +133,11 @@ async def rotate_token(session: AsyncSession, *, token_id: int, grace_hours: int
     return issued
 
 
-async def revoke_token(session: AsyncSession, *, token_id: int, now_ms: int) -> None:
+async def revoke_token(session: AsyncSession, *, token_id: int, now_ms: int,
+                       tenant: str | None = None) -> None:
     t = models.OperatorToken
-    done = await session.execute(update(t).where(t.id == token_id, t.revoked_at_ms.is_(None))
+    done = await session.execute(update(t).where(t.id == token_id, t.revoked_at_ms.is_(None),
+                                                 _in_tenant(tenant))
                                  .values(revoked_at_ms=now_ms))
     if getattr(done, "rowcount", 0) != 1:
         raise NotFound(f"token {token_id} not found or already revoked; see "

@@ -207,13 +207,42 @@ def workspace() -> None:
 
 
 @workspace.command("create")
-@home_option
-@click.option("--tenant", "tenant_slug", required=True)
+@click.option("--home", default=None, envvar="FLEETWIRE_HOME",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The instance's folder. Without it: on --spoke, through --hub with a "
+                   "tenant admin's --token.")
+@click.option("--tenant", "tenant_slug", default=None, help="The tenant (with --home).")
+@click.option("--spoke", default=None, help="The spoke to make it on (through the hub).")
+@click.option("--hub", "hub_addr", envvar="FLEETWIRE_HUB", default="",
+              help="The hub's operator address (or FLEETWIRE_HUB).")
+@click.option("--token", "tok", envvar="FLEETWIRE_TOKEN", default="",
+              help="A tenant admin's token (or FLEETWIRE_TOKEN).")
 @click.option("--max-agents", type=click.IntRange(min=1), default=None,
               help="Most agents that may run at once in it (on a spoke).")
 @click.argument("slug")
-def workspace_create(home: Path, tenant_slug: str, slug: str, max_agents: int | None) -> None:
-    """Create a workspace in a tenant."""
+def workspace_create(home: Path | None, tenant_slug: str | None, spoke: str | None,
+                     hub_addr: str, tok: str, slug: str, max_agents: int | None) -> None:
+    """Create a workspace in a tenant: locally with --home, or on a spoke through the
+    hub as an admin of the token's tenant."""
+    if home is None:
+        if not spoke or tenant_slug:
+            raise InvalidArgument("without --home, name the --spoke (the tenant is the admin "
+                                  "token's; drop --tenant)")
+        # The remote form is the hub's client; imported here so local use needs no hub.
+        from hub.client import HubClient
+
+        async def remote() -> None:
+            async with HubClient(hub_addr, tok) as client:
+                made = await client.create_workspace(spoke=spoke, workspace=slug,
+                                                     max_agents=max_agents or 0)
+            click.echo(f"created workspace '{made.workspace}' in tenant '{made.tenant}' on "
+                       f"spoke '{made.spoke}'"
+                       + (f" (at most {max_agents} agents at once)" if max_agents else ""))
+
+        asyncio.run(remote())
+        return
+    if not tenant_slug:
+        raise InvalidArgument("with --home, name the tenant with --tenant")
     with_session(home, lambda s, _: create_workspace(s, tenant_slug, slug, max_agents),
                  audited("workspace.create", tenant=tenant_slug, workspace=slug, target=slug,
                          reason=f"max_agents={max_agents}" if max_agents else ""))

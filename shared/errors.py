@@ -86,6 +86,14 @@ def not_found_workspace(workspace: str) -> NotFound:
     )
 
 
+def not_found_tenant(tenant: str) -> NotFound:
+    """The one NOT_FOUND for tenants: ungranted and nonexistent read the same."""
+    return NotFound(
+        f"tenant '{tenant}' not found; check that the spoke has the tenant and a grant for "
+        "this hub"
+    )
+
+
 def to_wire_error(err: FleetwireError) -> wire_pb2.Error:
     """A domain error as the signed Error a spoke answers with."""
     return wire_pb2.Error(code=err.wire_code, message=err.message,

@@ -48,6 +48,8 @@ class Action(enum.Enum):
     STATUS = "status"
     LIST = "list"
     KILL = "kill"
+    # Manage the tenant itself: tokens on the hub, workspaces on spokes.
+    MANAGE = "manage tokens and workspaces of"
 
 
 # The least role that may take each action; KILL by an operator is further limited to
@@ -57,6 +59,7 @@ _MIN_ROLE = {
     Action.LIST: Role.VIEWER,
     Action.SPAWN: Role.OPERATOR,
     Action.KILL: Role.OPERATOR,
+    Action.MANAGE: Role.ADMIN,
 }
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.audit import ALLOWED, REFUSED, AuditEntry, AuditTrail
+from shared.audit import ALLOWED, REFUSED, AuditEntry, AuditTrail, append_audit
 from shared.config import SLUG_RE, Config
 from shared.db import models
+from shared.db.models import ALL_WORKSPACES
 from shared.envelope import now_ms
 from shared.errors import (
     FleetwireError,
@@ -27,6 +28,7 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     not_found_agent,
+    not_found_tenant,
     not_found_workspace,
     to_wire_error,
 )
@@ -40,7 +42,7 @@ from shared.scope import (
     require_role,
     use_scope,
 )
-from shared.tenancy import workspace_exists
+from shared.tenancy import create_workspace, workspace_exists
 from spoke import procfs
 from spoke.grants import tenant_grant
 from spoke.store import FINAL_STATES, AgentLedger, ScopedAgents, to_wire
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 
 AGENT_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _ACTIONS = {"spawn": Action.SPAWN, "get": Action.STATUS, "list": Action.LIST,
-            "kill": Action.KILL}
+            "kill": Action.KILL, "create_workspace": Action.MANAGE}
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class SpokeCommands:
         def hidden() -> NotFound:
             if agent_id:
                 return not_found_agent(agent_id)
+            if action is Action.MANAGE:
+                return not_found_tenant(command.tenant)
             return not_found_workspace(command.workspace or command.tenant)
 
         workspace = command.workspace or None
@@ -115,9 +119,12 @@ class SpokeCommands:
             # cost the same work: the answer's timing tells nothing either.
             exists = workspace is None or await workspace_exists(session, command.tenant,
                                                                  workspace)
-        if grant is None or not exists:
+        if grant is None or (not exists and action is not Action.MANAGE):
             raise hidden()
-        if workspace is not None:
+        if action is Action.MANAGE:
+            # Making workspaces is for a hub trusted with the whole tenant.
+            limit = grant.roles.get(ALL_WORKSPACES, Role.VIEWER)
+        elif workspace is not None:
             found = grant.max_role_in(workspace)
             if found is None:
                 raise hidden()
@@ -130,6 +137,9 @@ class SpokeCommands:
                               role=min(asserted, limit))
         note = (f"hub '{peer}' asserts role {asserted.label}, its grant on this spoke allows "
                 f"at most {limit.label}") if asserted > limit else ""
+        if action is Action.MANAGE and grant.workspaces is not None:
+            note = (f"hub '{peer}' holds grants for single workspaces only; making "
+                    "workspaces needs a whole-tenant admin grant")
         require_role(principal, action, note=note)
         scope = Scope(tenant=command.tenant, workspace=workspace, principal=principal,
                       allowed_workspaces=grant.workspaces, peer=peer, role_note=note)
@@ -142,6 +152,9 @@ class SpokeCommands:
         if target.action is Action.LIST:
             agents = await self.agents.visible()
             return wire_pb2.Response(agents=wire_pb2.AgentList(agents=[to_wire(a) for a in agents]))
+        if target.action is Action.MANAGE:
+            return wire_pb2.Response(workspace=await self._create_workspace(
+                command, message_id))
         agent = await self.agents.get(target.agent_id)
         if agent is None:
             raise not_found_agent(target.agent_id)
@@ -203,6 +216,20 @@ class SpokeCommands:
         agent = await self.agents.get(req.agent_id)
         assert agent is not None
         return to_wire(agent)
+
+    async def _create_workspace(self, command: wire_pb2.Command,
+                                message_id: str) -> wire_pb2.Workspace:
+        scope = current_scope()
+        max_agents = command.create_workspace.max_agents or None
+        async with self._trail.transaction() as session:
+            await create_workspace(session, scope.tenant, command.workspace, max_agents)
+            await append_audit(session, AuditEntry(
+                action="workspace.create", outcome=ALLOWED, tenant=scope.tenant,
+                workspace=command.workspace, principal=scope.principal.name, peer=scope.peer,
+                target=command.workspace, message_id=message_id,
+                reason=f"max_agents={max_agents}" if max_agents else ""))
+        return wire_pb2.Workspace(tenant=scope.tenant, workspace=command.workspace,
+                                  max_agents=max_agents or 0)
 
     async def _kill(self, agent: models.Agent, req: wire_pb2.KillAgent,
                     message_id: str) -> wire_pb2.Agent:

@@ -57,3 +57,87 @@ class KillAgentRequest(_message.Message):
     agent_id: str
     grace_ms: int
     def __init__(self, agent_id: _Optional[str] = ..., grace_ms: _Optional[int] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("principal", "role")
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    principal: str
+    role: _wire_pb2.Role
+    def __init__(self, principal: _Optional[str] = ..., role: _Optional[_Union[_wire_pb2.Role, str]] = ...) -> None: ...
+
+class IssuedToken(_message.Message):
+    __slots__ = ("id", "token", "tenant", "principal", "role", "retired", "replaces")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    token: str
+    tenant: str
+    principal: str
+    role: _wire_pb2.Role
+    retired: _containers.RepeatedScalarFieldContainer[int]
+    replaces: int
+    def __init__(self, id: _Optional[int] = ..., token: _Optional[str] = ..., tenant: _Optional[str] = ..., principal: _Optional[str] = ..., role: _Optional[_Union[_wire_pb2.Role, str]] = ..., retired: _Optional[_Iterable[int]] = ..., replaces: _Optional[int] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TokenInfo(_message.Message):
+    __slots__ = ("id", "tenant", "principal", "role", "created_at_ms", "state", "expires_at_ms", "replaced_by_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_BY_ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    tenant: str
+    principal: str
+    role: _wire_pb2.Role
+    created_at_ms: int
+    state: str
+    expires_at_ms: int
+    replaced_by_id: int
+    def __init__(self, id: _Optional[int] = ..., tenant: _Optional[str] = ..., principal: _Optional[str] = ..., role: _Optional[_Union[_wire_pb2.Role, str]] = ..., created_at_ms: _Optional[int] = ..., state: _Optional[str] = ..., expires_at_ms: _Optional[int] = ..., replaced_by_id: _Optional[int] = ...) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class RotateTokenRequest(_message.Message):
+    __slots__ = ("id", "grace_hours")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    GRACE_HOURS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    grace_hours: int
+    def __init__(self, id: _Optional[int] = ..., grace_hours: _Optional[int] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CreateWorkspaceRequest(_message.Message):
+    __slots__ = ("spoke", "workspace", "max_agents")
+    SPOKE_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    spoke: str
+    workspace: str
+    max_agents: int
+    def __init__(self, spoke: _Optional[str] = ..., workspace: _Optional[str] = ..., max_agents: _Optional[int] = ...) -> None: ...

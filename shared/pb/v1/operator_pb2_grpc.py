@@ -55,6 +55,31 @@ class OperatorServiceStub:
                 request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentRequest.SerializeToString,
                 response_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.Agent.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/fleetwire.v1.OperatorService/CreateToken',
+                request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.IssuedToken.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/fleetwire.v1.OperatorService/ListTokens',
+                request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RotateToken = channel.unary_unary(
+                '/fleetwire.v1.OperatorService/RotateToken',
+                request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.RotateTokenRequest.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.IssuedToken.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/fleetwire.v1.OperatorService/RevokeToken',
+                request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.CreateWorkspace = channel.unary_unary(
+                '/fleetwire.v1.OperatorService/CreateWorkspace',
+                request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.CreateWorkspaceRequest.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.Workspace.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -84,6 +109,36 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateWorkspace(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +161,31 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.KillAgent,
                     request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentRequest.FromString,
                     response_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.Agent.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.CreateTokenRequest.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.IssuedToken.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.ListTokensRequest.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RotateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateToken,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.RotateTokenRequest.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.IssuedToken.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'CreateWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWorkspace,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.CreateWorkspaceRequest.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.Workspace.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +296,141 @@ class OperatorService:
             '/fleetwire.v1.OperatorService/KillAgent',
             shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentRequest.SerializeToString,
             shared_dot_pb_dot_v1_dot_wire__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwire.v1.OperatorService/CreateToken',
+            shared_dot_pb_dot_v1_dot_operator__pb2.CreateTokenRequest.SerializeToString,
+            shared_dot_pb_dot_v1_dot_operator__pb2.IssuedToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwire.v1.OperatorService/ListTokens',
+            shared_dot_pb_dot_v1_dot_operator__pb2.ListTokensRequest.SerializeToString,
+            shared_dot_pb_dot_v1_dot_operator__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwire.v1.OperatorService/RotateToken',
+            shared_dot_pb_dot_v1_dot_operator__pb2.RotateTokenRequest.SerializeToString,
+            shared_dot_pb_dot_v1_dot_operator__pb2.IssuedToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwire.v1.OperatorService/RevokeToken',
+            shared_dot_pb_dot_v1_dot_operator__pb2.RevokeTokenRequest.SerializeToString,
+            shared_dot_pb_dot_v1_dot_operator__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwire.v1.OperatorService/CreateWorkspace',
+            shared_dot_pb_dot_v1_dot_operator__pb2.CreateWorkspaceRequest.SerializeToString,
+            shared_dot_pb_dot_v1_dot_wire__pb2.Workspace.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17shared/pb/v1/wire.proto\x12\x0c\x66leetwire.v1\"E\n\x0eSignedEnvelope\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"\xda\x01\n\x08\x45nvelope\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x05 \x01(\x03\x12\x13\n\x0bin_reply_to\x18\x06 \x01(\t\x12(\n\x07\x63ommand\x18\n \x01(\x0b\x32\x15.fleetwire.v1.CommandH\x00\x12*\n\x08response\x18\x0b \x01(\x0b\x32\x16.fleetwire.v1.ResponseH\x00\x42\x06\n\x04\x62ody\";\n\tPrincipal\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.fleetwire.v1.Role\"\x87\x02\n\x07\x43ommand\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12*\n\tprincipal\x18\x03 \x01(\x0b\x32\x17.fleetwire.v1.Principal\x12)\n\x05spawn\x18\n \x01(\x0b\x32\x18.fleetwire.v1.SpawnAgentH\x00\x12%\n\x03get\x18\x0b \x01(\x0b\x32\x16.fleetwire.v1.GetAgentH\x00\x12(\n\x04list\x18\x0c \x01(\x0b\x32\x18.fleetwire.v1.ListAgentsH\x00\x12\'\n\x04kill\x18\r \x01(\x0b\x32\x17.fleetwire.v1.KillAgentH\x00\x42\x08\n\x06\x61\x63tion\"\xa3\x01\n\nSpawnAgent\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x10\n\x08template\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x34\n\x06params\x18\x03 \x03(\x0b\x32$.fleetwire.v1.SpawnAgent.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1c\n\x08GetAgent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\x0c\n\nListAgents\"A\n\tKillAgent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\x08grace_ms\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_grace_ms\"\xa0\x02\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05spoke\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x11\n\tworkspace\x18\x04 \x01(\t\x12\x10\n\x08template\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\x11\n\tprincipal\x18\x07 \x01(\t\x12\'\n\x05state\x18\x08 \x01(\x0e\x32\x18.fleetwire.v1.AgentState\x12\x16\n\texit_code\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rcreated_at_ms\x18\n \x01(\x03\x12\x15\n\rstarted_at_ms\x18\x0b \x01(\x03\x12\x13\n\x0b\x65nded_at_ms\x18\x0c \x01(\x03\x12\x0e\n\x06reason\x18\r \x01(\tB\x0c\n\n_exit_code\"0\n\tAgentList\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.fleetwire.v1.Agent\"W\n\x05\x45rror\x12%\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x17.fleetwire.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\x03\"\x8b\x01\n\x08Response\x12$\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetwire.v1.AgentH\x00\x12)\n\x06\x61gents\x18\x02 \x01(\x0b\x32\x17.fleetwire.v1.AgentListH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.fleetwire.v1.ErrorH\x00\x42\x08\n\x06result*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_VIEWER\x10\x01\x12\x11\n\rROLE_OPERATOR\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03*\xd7\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATE_PENDING\x10\x01\x12\x17\n\x13\x41GENT_STATE_RUNNING\x10\x02\x12\x19\n\x15\x41GENT_STATE_SUCCEEDED\x10\x03\x12\x16\n\x12\x41GENT_STATE_FAILED\x10\x04\x12\x16\n\x12\x41GENT_STATE_KILLED\x10\x05\x12\x19\n\x15\x41GENT_STATE_TIMED_OUT\x10\x06\x12\x14\n\x10\x41GENT_STATE_LOST\x10\x07*\xc0\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x02\x12 \n\x1c\x45RROR_CODE_PERMISSION_DENIED\x10\x03\x12!\n\x1d\x45RROR_CODE_RESOURCE_EXHAUSTED\x10\x04\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x05\x32U\n\x0cSpokeService\x12\x45\n\x07\x44\x65liver\x12\x1c.fleetwire.v1.SignedEnvelope\x1a\x1c.fleetwire.v1.SignedEnvelopeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17shared/pb/v1/wire.proto\x12\x0c\x66leetwire.v1\"E\n\x0eSignedEnvelope\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"\xda\x01\n\x08\x45nvelope\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x05 \x01(\x03\x12\x13\n\x0bin_reply_to\x18\x06 \x01(\t\x12(\n\x07\x63ommand\x18\n \x01(\x0b\x32\x15.fleetwire.v1.CommandH\x00\x12*\n\x08response\x18\x0b \x01(\x0b\x32\x16.fleetwire.v1.ResponseH\x00\x42\x06\n\x04\x62ody\";\n\tPrincipal\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.fleetwire.v1.Role\"\xc2\x02\n\x07\x43ommand\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12*\n\tprincipal\x18\x03 \x01(\x0b\x32\x17.fleetwire.v1.Principal\x12)\n\x05spawn\x18\n \x01(\x0b\x32\x18.fleetwire.v1.SpawnAgentH\x00\x12%\n\x03get\x18\x0b \x01(\x0b\x32\x16.fleetwire.v1.GetAgentH\x00\x12(\n\x04list\x18\x0c \x01(\x0b\x32\x18.fleetwire.v1.ListAgentsH\x00\x12\'\n\x04kill\x18\r \x01(\x0b\x32\x17.fleetwire.v1.KillAgentH\x00\x12\x39\n\x10\x63reate_workspace\x18\x0e \x01(\x0b\x32\x1d.fleetwire.v1.CreateWorkspaceH\x00\x42\x08\n\x06\x61\x63tion\"%\n\x0f\x43reateWorkspace\x12\x12\n\nmax_agents\x18\x01 \x01(\r\"Q\n\tWorkspace\x12\r\n\x05spoke\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x11\n\tworkspace\x18\x03 \x01(\t\x12\x12\n\nmax_agents\x18\x04 \x01(\r\"\xa3\x01\n\nSpawnAgent\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x10\n\x08template\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x34\n\x06params\x18\x03 \x03(\x0b\x32$.fleetwire.v1.SpawnAgent.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1c\n\x08GetAgent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\x0c\n\nListAgents\"A\n\tKillAgent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\x08grace_ms\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_grace_ms\"\xa0\x02\n\x05\x41gent\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05spoke\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x11\n\tworkspace\x18\x04 \x01(\t\x12\x10\n\x08template\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\x11\n\tprincipal\x18\x07 \x01(\t\x12\'\n\x05state\x18\x08 \x01(\x0e\x32\x18.fleetwire.v1.AgentState\x12\x16\n\texit_code\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rcreated_at_ms\x18\n \x01(\x03\x12\x15\n\rstarted_at_ms\x18\x0b \x01(\x03\x12\x13\n\x0b\x65nded_at_ms\x18\x0c \x01(\x03\x12\x0e\n\x06reason\x18\r \x01(\tB\x0c\n\n_exit_code\"0\n\tAgentList\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.fleetwire.v1.Agent\"W\n\x05\x45rror\x12%\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x17.fleetwire.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\x03\"\xb9\x01\n\x08Response\x12$\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetwire.v1.AgentH\x00\x12)\n\x06\x61gents\x18\x02 \x01(\x0b\x32\x17.fleetwire.v1.AgentListH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.fleetwire.v1.ErrorH\x00\x12,\n\tworkspace\x18\x04 \x01(\x0b\x32\x17.fleetwire.v1.WorkspaceH\x00\x42\x08\n\x06result*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_VIEWER\x10\x01\x12\x11\n\rROLE_OPERATOR\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03*\xd7\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATE_PENDING\x10\x01\x12\x17\n\x13\x41GENT_STATE_RUNNING\x10\x02\x12\x19\n\x15\x41GENT_STATE_SUCCEEDED\x10\x03\x12\x16\n\x12\x41GENT_STATE_FAILED\x10\x04\x12\x16\n\x12\x41GENT_STATE_KILLED\x10\x05\x12\x19\n\x15\x41GENT_STATE_TIMED_OUT\x10\x06\x12\x14\n\x10\x41GENT_STATE_LOST\x10\x07*\xc0\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_CODE_INVALID_ARGUMENT\x10\x01\x12\x18\n\x14\x45RROR_CODE_NOT_FOUND\x10\x02\x12 \n\x1c\x45RROR_CODE_PERMISSION_DENIED\x10\x03\x12!\n\x1d\x45RROR_CODE_RESOURCE_EXHAUSTED\x10\x04\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x05\x32U\n\x0cSpokeService\x12\x45\n\x07\x44\x65liver\x12\x1c.fleetwire.v1.SignedEnvelope\x1a\x1c.fleetwire.v1.SignedEnvelopeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SPAWNAGENT_PARAMSENTRY']._loaded_options = None
   _globals['_SPAWNAGENT_PARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=1509
-  _globals['_ROLE']._serialized_end=1589
-  _globals['_AGENTSTATE']._serialized_start=1592
-  _globals['_AGENTSTATE']._serialized_end=1807
-  _globals['_ERRORCODE']._serialized_start=1810
-  _globals['_ERRORCODE']._serialized_end=2002
+  _globals['_ROLE']._serialized_start=1736
+  _globals['_ROLE']._serialized_end=1816
+  _globals['_AGENTSTATE']._serialized_start=1819
+  _globals['_AGENTSTATE']._serialized_end=2034
+  _globals['_ERRORCODE']._serialized_start=2037
+  _globals['_ERRORCODE']._serialized_end=2229
   _globals['_SIGNEDENVELOPE']._serialized_start=41
   _globals['_SIGNEDENVELOPE']._serialized_end=110
   _globals['_ENVELOPE']._serialized_start=113
@@ -46,25 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRINCIPAL']._serialized_start=333
   _globals['_PRINCIPAL']._serialized_end=392
   _globals['_COMMAND']._serialized_start=395
-  _globals['_COMMAND']._serialized_end=658
-  _globals['_SPAWNAGENT']._serialized_start=661
-  _globals['_SPAWNAGENT']._serialized_end=824
-  _globals['_SPAWNAGENT_PARAMSENTRY']._serialized_start=779
-  _globals['_SPAWNAGENT_PARAMSENTRY']._serialized_end=824
-  _globals['_GETAGENT']._serialized_start=826
-  _globals['_GETAGENT']._serialized_end=854
-  _globals['_LISTAGENTS']._serialized_start=856
-  _globals['_LISTAGENTS']._serialized_end=868
-  _globals['_KILLAGENT']._serialized_start=870
-  _globals['_KILLAGENT']._serialized_end=935
-  _globals['_AGENT']._serialized_start=938
-  _globals['_AGENT']._serialized_end=1226
-  _globals['_AGENTLIST']._serialized_start=1228
-  _globals['_AGENTLIST']._serialized_end=1276
-  _globals['_ERROR']._serialized_start=1278
-  _globals['_ERROR']._serialized_end=1365
-  _globals['_RESPONSE']._serialized_start=1368
-  _globals['_RESPONSE']._serialized_end=1507
-  _globals['_SPOKESERVICE']._serialized_start=2004
-  _globals['_SPOKESERVICE']._serialized_end=2089
+  _globals['_COMMAND']._serialized_end=717
+  _globals['_CREATEWORKSPACE']._serialized_start=719
+  _globals['_CREATEWORKSPACE']._serialized_end=756
+  _globals['_WORKSPACE']._serialized_start=758
+  _globals['_WORKSPACE']._serialized_end=839
+  _globals['_SPAWNAGENT']._serialized_start=842
+  _globals['_SPAWNAGENT']._serialized_end=1005
+  _globals['_SPAWNAGENT_PARAMSENTRY']._serialized_start=960
+  _globals['_SPAWNAGENT_PARAMSENTRY']._serialized_end=1005
+  _globals['_GETAGENT']._serialized_start=1007
+  _globals['_GETAGENT']._serialized_end=1035
+  _globals['_LISTAGENTS']._serialized_start=1037
+  _globals['_LISTAGENTS']._serialized_end=1049
+  _globals['_KILLAGENT']._serialized_start=1051
+  _globals['_KILLAGENT']._serialized_end=1116
+  _globals['_AGENT']._serialized_start=1119
+  _globals['_AGENT']._serialized_end=1407
+  _globals['_AGENTLIST']._serialized_start=1409
+  _globals['_AGENTLIST']._serialized_end=1457
+  _globals['_ERROR']._serialized_start=1459
+  _globals['_ERROR']._serialized_end=1546
+  _globals['_RESPONSE']._serialized_start=1549
+  _globals['_RESPONSE']._serialized_end=1734
+  _globals['_SPOKESERVICE']._serialized_start=2231
+  _globals['_SPOKESERVICE']._serialized_end=2316
 # @@protoc_insertion_point(module_scope)

@@ -91,7 +91,7 @@ class Principal(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("tenant", "workspace", "principal", "spawn", "get", "list", "kill")
+    __slots__ = ("tenant", "workspace", "principal", "spawn", "get", "list", "kill", "create_workspace")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class Command(_message.Message):
     GET_FIELD_NUMBER: _ClassVar[int]
     LIST_FIELD_NUMBER: _ClassVar[int]
     KILL_FIELD_NUMBER: _ClassVar[int]
+    CREATE_WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     workspace: str
     principal: Principal
@@ -106,7 +107,26 @@ class Command(_message.Message):
     get: GetAgent
     list: ListAgents
     kill: KillAgent
-    def __init__(self, tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ..., spawn: _Optional[_Union[SpawnAgent, _Mapping]] = ..., get: _Optional[_Union[GetAgent, _Mapping]] = ..., list: _Optional[_Union[ListAgents, _Mapping]] = ..., kill: _Optional[_Union[KillAgent, _Mapping]] = ...) -> None: ...
+    create_workspace: CreateWorkspace
+    def __init__(self, tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ..., spawn: _Optional[_Union[SpawnAgent, _Mapping]] = ..., get: _Optional[_Union[GetAgent, _Mapping]] = ..., list: _Optional[_Union[ListAgents, _Mapping]] = ..., kill: _Optional[_Union[KillAgent, _Mapping]] = ..., create_workspace: _Optional[_Union[CreateWorkspace, _Mapping]] = ...) -> None: ...
+
+class CreateWorkspace(_message.Message):
+    __slots__ = ("max_agents",)
+    MAX_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    max_agents: int
+    def __init__(self, max_agents: _Optional[int] = ...) -> None: ...
+
+class Workspace(_message.Message):
+    __slots__ = ("spoke", "tenant", "workspace", "max_agents")
+    SPOKE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    spoke: str
+    tenant: str
+    workspace: str
+    max_agents: int
+    def __init__(self, spoke: _Optional[str] = ..., tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., max_agents: _Optional[int] = ...) -> None: ...
 
 class SpawnAgent(_message.Message):
     __slots__ = ("agent_id", "template", "task", "params")
@@ -192,11 +212,13 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class Response(_message.Message):
-    __slots__ = ("agent", "agents", "error")
+    __slots__ = ("agent", "agents", "error", "workspace")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     agent: Agent
     agents: AgentList
     error: Error
-    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., agents: _Optional[_Union[AgentList, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    workspace: Workspace
+    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., agents: _Optional[_Union[AgentList, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., workspace: _Optional[_Union[Workspace, _Mapping]] = ...) -> None: ...
