@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -221,6 +222,7 @@ def agent_json(a: wire_pb2.Agent) -> dict[str, Any]:
         "exit_code": a.exit_code if a.HasField("exit_code") else None,
         "created_at": _iso(a.created_at_ms), "started_at": _iso(a.started_at_ms),
         "ended_at": _iso(a.ended_at_ms), "reason": a.reason,
+        "stale": a.stale, "reported_at": _iso(a.reported_at_ms),
     }
 
 
@@ -262,13 +264,18 @@ def agent_spawn(hub_addr: str, tok: str, spoke: str, workspace: str, template: s
     click.echo(json.dumps(a, indent=2) if as_json else _agent_text(a))
 
 
+live_option = click.option("--live", is_flag=True,
+                           help="Ask the spoke now instead of the hub's registry.")
+
+
 @agent.command("status")
 @hub_options
 @click.argument("agent_id")
+@live_option
 @json_option
-def agent_status(hub_addr: str, tok: str, agent_id: str, as_json: bool) -> None:
-    """Show one agent, asked of its spoke."""
-    a = agent_json(_with_hub(hub_addr, tok, lambda c: c.status(agent_id)))
+def agent_status(hub_addr: str, tok: str, agent_id: str, live: bool, as_json: bool) -> None:
+    """Show one agent: its last reported state, or with --live its spoke's answer."""
+    a = agent_json(_with_hub(hub_addr, tok, lambda c: c.status(agent_id, live=live)))
     click.echo(json.dumps(a, indent=2) if as_json else _agent_text(a))
 
 
@@ -276,14 +283,19 @@ def agent_status(hub_addr: str, tok: str, agent_id: str, as_json: bool) -> None:
 @hub_options
 @click.option("--spoke", default="")
 @click.option("--workspace", default="")
+@live_option
 @json_option
-def agent_list(hub_addr: str, tok: str, spoke: str, workspace: str, as_json: bool) -> None:
-    """List the agents of the token's tenant, asked of the spokes."""
-    resp = _with_hub(hub_addr, tok, lambda c: c.list(spoke=spoke, workspace=workspace))
+def agent_list(hub_addr: str, tok: str, spoke: str, workspace: str, live: bool,
+               as_json: bool) -> None:
+    """List the agents of the token's tenant from the hub's registry (--live: ask the
+    spokes)."""
+    resp = _with_hub(hub_addr, tok, lambda c: c.list(spoke=spoke, workspace=workspace,
+                                                     live=live))
     rows = [agent_json(a) for a in resp.agents]
     for name in resp.unreachable_spokes:
-        click.echo(f"warning: spoke '{name}' is unreachable; its agents are not listed",
-                   err=True)
+        click.echo(f"warning: spoke '{name}' is " + (
+            "unreachable; its agents are not listed" if live else
+            "OFFLINE; its agents' states are the last known (UNKNOWN)"), err=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -304,6 +316,65 @@ def agent_kill(hub_addr: str, tok: str, agent_id: str, grace: float | None,
     click.echo(json.dumps(a, indent=2) if as_json else _agent_text(a))
 
 
+@agent.command("logs")
+@hub_options
+@click.argument("agent_id")
+@click.option("--tail", "tail_lines", type=click.IntRange(min=1, max=10_000), default=100,
+              show_default=True, help="How many of the last lines.")
+def agent_logs(hub_addr: str, tok: str, agent_id: str, tail_lines: int) -> None:
+    """Print the end of an agent's output, fetched from its spoke."""
+    logs = _with_hub(hub_addr, tok, lambda c: c.logs(agent_id, tail_lines))
+    if logs.truncated:
+        click.echo(f"(older output left out; showing at most the last {tail_lines} lines)",
+                   err=True)
+    click.echo(logs.text, nl=False)
+
+
+@agent.command("watch")
+@hub_options
+@click.option("--workspace", default="")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Stop after this many changes (default: until interrupted).")
+@json_option
+def agent_watch(hub_addr: str, tok: str, workspace: str, count: int | None,
+                as_json: bool) -> None:
+    """Print the token's tenant's agent changes as they happen (one JSON object a line
+    with --json)."""
+
+    async def go(client: HubClient) -> None:
+        seen = 0
+        async for a in client.watch(workspace):
+            row = agent_json(a)
+            click.echo(json.dumps(row) if as_json else _agent_line(row))
+            seen += 1
+            if count is not None and seen >= count:
+                return
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _with_hub(hub_addr, tok, go)
+
+
+@click.command("list")
+@hub_options
+@json_option
+def spoke_list(hub_addr: str, tok: str, as_json: bool) -> None:
+    """List the hub's spokes: ONLINE/OFFLINE, last heartbeat, the tenant's agents by
+    state."""
+    resp = _with_hub(hub_addr, tok, lambda c: c.spokes())
+    rows: list[dict[str, Any]] = [{"name": s.name, "address": s.address, "status": s.status,
+             "last_heartbeat": _iso(s.last_heartbeat_ms),
+             "agents": dict(sorted(s.agents_by_state.items()))} for s in resp.spokes]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        counts = ", ".join(f"{k} {v}" for k, v in r["agents"].items()) or "no agents"
+        click.echo(f"{r['name']:<16} {r['status']:<8} {r['address']:<22} "
+                   f"last heartbeat {r['last_heartbeat'] or 'never'}  {counts}")
+    if not rows:
+        click.echo("no spokes")
+
+
 @click.command()
 @click.option("--keep", is_flag=True, help="Keep the temporary folder for a look afterwards.")
 def demo(keep: bool) -> None:
@@ -314,5 +385,9 @@ def demo(keep: bool) -> None:
 
 
 def register(root: click.Group) -> None:
+    """Add the hub's commands; `spoke list` joins the spoke group, so register after it."""
     for cmd in (token, hub, agent, demo):
         root.add_command(cmd)
+    spoke_group = root.commands["spoke"]
+    assert isinstance(spoke_group, click.Group)
+    spoke_group.add_command(spoke_list)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from types import TracebackType
 
 import grpc
@@ -48,13 +49,13 @@ class HubClient:
                                              template=template, task=task, params=params)
         return await self._call("SpawnAgent", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
 
-    async def status(self, agent_id: str) -> wire_pb2.Agent:
-        req = operator_pb2.GetAgentRequest(agent_id=agent_id)
+    async def status(self, agent_id: str, *, live: bool = False) -> wire_pb2.Agent:
+        req = operator_pb2.GetAgentRequest(agent_id=agent_id, live=live)
         return await self._call("GetAgent", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
 
-    async def list(self, *, spoke: str = "", workspace: str = ""
+    async def list(self, *, spoke: str = "", workspace: str = "", live: bool = False
                    ) -> operator_pb2.ListAgentsResponse:
-        req = operator_pb2.ListAgentsRequest(spoke=spoke, workspace=workspace)
+        req = operator_pb2.ListAgentsRequest(spoke=spoke, workspace=workspace, live=live)
         return await self._call("ListAgents", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
 
     async def kill(self, agent_id: str, grace_ms: int | None = None) -> wire_pb2.Agent:
@@ -85,3 +86,23 @@ class HubClient:
         req = operator_pb2.CreateWorkspaceRequest(spoke=spoke, workspace=workspace,
                                                   max_agents=max_agents)
         return await self._call("CreateWorkspace", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+
+    async def logs(self, agent_id: str, tail_lines: int = 0) -> wire_pb2.AgentLogs:
+        req = operator_pb2.GetLogsRequest(agent_id=agent_id, tail_lines=tail_lines)
+        return await self._call("GetLogs", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+
+    async def spokes(self) -> operator_pb2.ListSpokesResponse:
+        req = operator_pb2.ListSpokesRequest()
+        return await self._call("ListSpokes", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+
+    async def watch(self, workspace: str = "") -> AsyncIterator[wire_pb2.Agent]:
+        """Agent changes of the token's tenant as the hub learns them."""
+        call = self._stub.WatchAgents(operator_pb2.WatchAgentsRequest(workspace=workspace),
+                                      metadata=self._metadata)
+        try:
+            async for agent in call:
+                yield agent
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, target=f"the hub at {self._address}") from None
+        finally:
+            call.cancel()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from hub.dispatch import SpokeDispatcher
+from hub.events import AgentEvents
 from hub.operator import HubOperator
+from hub.peer_service import HubPeerService
+from hub.registry import HubRegistry
 from hub.service import OperatorService
 from shared.audit import AuditTrail
 from shared.config import Config
 from shared.daemon import add_health, announce, serve_until_stopped
 from shared.db.engine import make_engine, make_sessions
 from shared.identity import load_identity
-from shared.pb.v1 import operator_pb2_grpc
+from shared.pb.v1 import operator_pb2_grpc, wire_pb2_grpc
 from shared.peers import DbKeyring
 from shared.replay import MessageMemory
 from shared.rpc import start_server
@@ -20,11 +23,16 @@ async def run_hub(cfg: Config, listen: str) -> None:
     identity = load_identity(cfg.name, cfg.key_path)
     engine = make_engine(cfg.db_url)
     sessions = make_sessions(engine)
-    dispatcher = SpokeDispatcher(cfg, identity, DbKeyring(sessions), sessions)
+    keyring = DbKeyring(sessions)
+    dispatcher = SpokeDispatcher(cfg, identity, keyring, sessions)
     trail = AuditTrail(sessions)
-    service = OperatorService(trail, HubOperator(trail, dispatcher))
+    memory = MessageMemory(sessions)
+    registry = HubRegistry(trail, AgentEvents())
+    service = OperatorService(trail, HubOperator(cfg, trail, dispatcher, registry))
+    peers = HubPeerService(cfg, identity, keyring, memory, trail, registry)
     server, port = await start_server(listen, [
         lambda s: operator_pb2_grpc.add_OperatorServiceServicer_to_server(service, s),
+        lambda s: wire_pb2_grpc.add_HubPeerServiceServicer_to_server(peers, s),
         lambda s: add_health(s, "fleetwire.v1.OperatorService"),
     ], cfg.keepalive)
     announce("hub", cfg, listen.rpartition(":")[0], port)
@@ -33,4 +41,4 @@ async def run_hub(cfg: Config, listen: str) -> None:
         await dispatcher.close()
         await engine.dispose()
 
-    await serve_until_stopped(server, MessageMemory(sessions), cfg, on_stop)
+    await serve_until_stopped(server, memory, cfg, on_stop)

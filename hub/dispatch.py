@@ -31,7 +31,6 @@ from shared.errors import (
 )
 from shared.identity import Identity
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
-from shared.peers import ACTIVE, find_peer
 from shared.rpc import open_channel
 
 log = logging.getLogger(__name__)
@@ -51,14 +50,6 @@ class SpokeDispatcher:
         self._keyring = keyring
         self._sessions = sessions
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
-
-    async def spoke_address(self, spoke: str) -> str | None:
-        """The address of an active spoke peer, or None if there is no such spoke."""
-        async with self._sessions() as session:
-            peer = await find_peer(session, spoke)
-        if peer is None or peer.state != ACTIVE or not peer.address:
-            return None
-        return peer.address
 
     def _stub(self, spoke: str, address: str) -> wire_pb2_grpc.SpokeServiceStub:
         known = self._channels.get(spoke)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 
 from hub.dispatch import SpokeDispatcher
-from hub.registry import HubRegistry
+from hub.liveness import OFFLINE, spoke_status
+from hub.registry import HubRegistry, known_agent
 from shared.audit import ALLOWED, AuditEntry, AuditTrail, append_audit
-from shared.config import SLUG_RE, check_name
+from shared.config import SLUG_RE, Config, check_name
 from shared.db import models
+from shared.envelope import now_ms
 from shared.errors import (
     FleetwireError,
     InvalidArgument,
@@ -30,6 +33,10 @@ from shared.scope import Action, current_scope, require_role
 
 def _state(agent: wire_pb2.Agent) -> str:
     return wire_pb2.AgentState.Name(agent.state).removeprefix("AGENT_STATE_")
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds") if ms else "never"
 
 
 def _done(action: str, agent: wire_pb2.Agent, spoke: str, message_id: str,
@@ -47,21 +54,41 @@ def _not_found_spoke(spoke: str) -> NotFound:
 
 
 class HubOperator:
-    def __init__(self, trail: AuditTrail, dispatcher: SpokeDispatcher) -> None:
+    def __init__(self, cfg: Config, trail: AuditTrail, dispatcher: SpokeDispatcher,
+                 registry: HubRegistry) -> None:
+        self._cfg = cfg
         self._trail = trail
         self._dispatch = dispatcher
-        self.registry = HubRegistry(trail)
+        self.registry = registry
 
     def _command(self, workspace: str) -> wire_pb2.Command:
         scope = current_scope()
         return wire_pb2.Command(tenant=scope.tenant, workspace=workspace,
                                 principal=scope.principal.to_wire())
 
+    async def _spokes(self) -> dict[str, models.Peer]:
+        """Spoke peers (active, with an address) by name."""
+        async with self._trail.reader() as session:
+            rows = (await session.execute(
+                select(models.Peer).where(models.Peer.state == ACTIVE,
+                                          models.Peer.address != "")
+                .order_by(models.Peer.name))).scalars()
+            return {p.name: p for p in rows}
+
+    def _status(self, peer: models.Peer) -> str:
+        return spoke_status(peer, now_ms(), self._cfg.hub.offline_after_seconds)
+
     async def _address(self, spoke: str) -> str:
-        address = await self._dispatch.spoke_address(spoke)
-        if address is None:
+        """The address of a spoke that may be asked now; fail fast if it is OFFLINE."""
+        peer = (await self._spokes()).get(spoke)
+        if peer is None:
             raise _not_found_spoke(spoke)
-        return address
+        if self._status(peer) == OFFLINE:
+            raise Unavailable(
+                f"spoke '{spoke}' is OFFLINE: no heartbeat since "
+                f"{_iso(peer.last_heartbeat_ms or 0)}; try again when `fleetwire spoke list` "
+                "shows it ONLINE")
+        return peer.address
 
     async def spawn(self, req: operator_pb2.SpawnAgentRequest) -> wire_pb2.Agent:
         require_role(current_scope().principal, Action.SPAWN)
@@ -88,9 +115,11 @@ class HubOperator:
             "agent.spawn", response.agent, req.spoke, message_id,
             f"template {req.template}: {_state(response.agent)}"))
 
-    async def status(self, agent_id: str) -> wire_pb2.Agent:
+    async def status(self, agent_id: str, live: bool = False) -> wire_pb2.Agent:
         require_role(current_scope().principal, Action.STATUS)
         known = await self._known(agent_id)
+        if not live:
+            return self._marked(known_agent(known), await self._spokes())
         command = self._command(known.workspace)
         command.get.agent_id = agent_id
         response = await self._dispatch.send(known.spoke, await self._address(known.spoke),
@@ -120,12 +149,22 @@ class HubOperator:
         require_role(current_scope().principal, Action.LIST)
         if req.workspace and not SLUG_RE.match(req.workspace):
             raise InvalidArgument(f"workspace '{req.workspace}' is not a valid slug")
-        if req.spoke:
-            spokes = [(req.spoke, await self._address(req.spoke))]
-        else:
-            spokes = await self._all_spokes()
+        spokes = await self._spokes()
+        if req.spoke and req.spoke not in spokes:
+            raise _not_found_spoke(req.spoke)
+        if not req.live:
+            rows = await self.registry.visible(spoke=req.spoke, workspace=req.workspace)
+            out = operator_pb2.ListAgentsResponse(agents=[
+                self._marked(known_agent(r), spokes) for r in rows])
+            out.unreachable_spokes.extend(sorted(
+                name for name, peer in spokes.items()
+                if self._status(peer) == OFFLINE and (not req.spoke or name == req.spoke)))
+            out.agents.sort(key=lambda a: (a.created_at_ms, a.agent_id))
+            return out
+        names = [req.spoke] if req.spoke else list(spokes)
 
-        async def ask(spoke: str, address: str) -> list[wire_pb2.Agent]:
+        async def ask(spoke: str) -> list[wire_pb2.Agent]:
+            address = await self._address(spoke)
             command = self._command(req.workspace)
             command.list.SetInParent()
             try:
@@ -134,9 +173,9 @@ class HubOperator:
                 return []  # no grant or no such workspace there: nothing to show
             return [await self._seen(spoke, a) for a in response.agents.agents]
 
-        results = await asyncio.gather(*(ask(s, a) for s, a in spokes), return_exceptions=True)
+        results = await asyncio.gather(*(ask(s) for s in names), return_exceptions=True)
         out = operator_pb2.ListAgentsResponse()
-        for (spoke, _), result in zip(spokes, results, strict=True):
+        for spoke, result in zip(names, results, strict=True):
             if isinstance(result, Unavailable):
                 if req.spoke:
                     raise result
@@ -147,6 +186,40 @@ class HubOperator:
                 out.agents.extend(result)
         out.agents.sort(key=lambda a: (a.created_at_ms, a.agent_id))
         return out
+
+    def _marked(self, agent: wire_pb2.Agent, spokes: dict[str, models.Peer]
+                ) -> wire_pb2.Agent:
+        """An agent from the registry; if its spoke is OFFLINE, its state is UNKNOWN and
+        the last known one goes into the reason."""
+        peer = spokes.get(agent.spoke)
+        if peer is not None and self._status(peer) == OFFLINE:
+            last = _state(agent)
+            agent.stale = True
+            agent.state = wire_pb2.AGENT_STATE_UNKNOWN
+            agent.reason = (f"spoke OFFLINE; last known {last} at "
+                            f"{_iso(agent.reported_at_ms)}: {agent.reason}")
+        return agent
+
+    async def logs(self, agent_id: str, tail_lines: int) -> wire_pb2.AgentLogs:
+        require_role(current_scope().principal, Action.STATUS)
+        known = await self._known(agent_id)
+        command = self._command(known.workspace)
+        command.logs.CopyFrom(wire_pb2.GetLogs(agent_id=agent_id, tail_lines=tail_lines))
+        response = await self._dispatch.send(known.spoke, await self._address(known.spoke),
+                                             command)
+        return response.logs
+
+    async def list_spokes(self) -> operator_pb2.ListSpokesResponse:
+        require_role(current_scope().principal, Action.LIST)
+        counts: dict[str, dict[str, int]] = {}
+        for row in await self.registry.visible():
+            by_state = counts.setdefault(row.spoke, {})
+            by_state[row.state] = by_state.get(row.state, 0) + 1
+        return operator_pb2.ListSpokesResponse(spokes=[
+            operator_pb2.SpokeInfo(name=name, address=peer.address, status=self._status(peer),
+                                   last_heartbeat_ms=peer.last_heartbeat_ms or 0,
+                                   agents_by_state=counts.get(name, {}))
+            for name, peer in (await self._spokes()).items()])
 
     async def create_workspace(self, req: operator_pb2.CreateWorkspaceRequest
                                ) -> wire_pb2.Workspace:
@@ -176,14 +249,6 @@ class HubOperator:
         if known is None:
             raise not_found_agent(agent_id)
         return known
-
-    async def _all_spokes(self) -> list[tuple[str, str]]:
-        async with self._trail.reader() as session:
-            rows = (await session.execute(
-                select(models.Peer.name, models.Peer.address)
-                .where(models.Peer.state == ACTIVE, models.Peer.address != "")
-                .order_by(models.Peer.name))).all()
-        return [(name, address) for name, address in rows]
 
     async def _seen(self, spoke: str, agent: wire_pb2.Agent,
                     audit: AuditEntry | None = None) -> wire_pb2.Agent:

@@ -1,25 +1,46 @@
-"""The hub's registry of agents it spawned: where each lives, scoped by tenant."""
+"""The hub's registry of agents it spawned: where each lives and its latest known state.
+
+Operator reads go through the active scope's tenant. Updates come from two places, live
+answers and spokes' status reports, and both go through `_apply`, which orders them by
+the agent's seq so nothing ever moves an agent backwards.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import logging
 
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hub.events import AgentEvents
 from shared.audit import AuditEntry, AuditTrail, append_audit
 from shared.db import models
 from shared.envelope import now_ms
 from shared.pb.v1 import wire_pb2
 from shared.scope import current_scope
 
+log = logging.getLogger(__name__)
 
-def _state_name(agent: wire_pb2.Agent) -> str:
+
+def state_name(agent: wire_pb2.Agent) -> str:
     return wire_pb2.AgentState.Name(agent.state).removeprefix("AGENT_STATE_")
 
 
-class HubRegistry:
-    """Every read filters by the active scope's tenant; writes carry it."""
+def known_agent(row: models.HubAgent) -> wire_pb2.Agent:
+    """What the registry knows of an agent, as a wire Agent named after its spoke."""
+    agent = (wire_pb2.Agent.FromString(row.snapshot) if row.snapshot else wire_pb2.Agent(
+        agent_id=row.agent_id, tenant=row.tenant, workspace=row.workspace,
+        template=row.template, principal=row.principal,
+        state=f"AGENT_STATE_{row.state}", reason="spawn sent; no answer from the spoke yet"))
+    agent.spoke = row.spoke
+    agent.reported_at_ms = row.reported_at_ms or 0
+    return agent
 
-    def __init__(self, trail: AuditTrail) -> None:
+
+class HubRegistry:
+    def __init__(self, trail: AuditTrail, events: AgentEvents) -> None:
         self._trail = trail
+        self.events = events
 
     async def find(self, agent_id: str) -> models.HubAgent | None:
         scope = current_scope()
@@ -28,6 +49,17 @@ class HubRegistry:
                 select(models.HubAgent).where(models.HubAgent.agent_id == agent_id,
                                               models.HubAgent.tenant == scope.tenant)
             )).scalar_one_or_none()
+
+    async def visible(self, *, spoke: str = "", workspace: str = "") -> list[models.HubAgent]:
+        """The active tenant's agents, optionally on one spoke or in one workspace."""
+        query = select(models.HubAgent).where(models.HubAgent.tenant == current_scope().tenant)
+        if spoke:
+            query = query.where(models.HubAgent.spoke == spoke)
+        if workspace:
+            query = query.where(models.HubAgent.workspace == workspace)
+        async with self._trail.reader() as session:
+            return list((await session.execute(
+                query.order_by(models.HubAgent.updated_at_ms))).scalars())
 
     async def record_pending(self, *, agent_id: str, spoke: str, workspace: str,
                              template: str, message_id: str) -> None:
@@ -50,21 +82,60 @@ class HubRegistry:
 
     async def observe(self, spoke: str, agent: wire_pb2.Agent,
                       audit: AuditEntry | None = None) -> None:
-        """Remember what a spoke said of an agent of the active tenant; with audit, record
-        the change the operator asked for in the same transaction."""
-        scope = current_scope()
-        if agent.tenant != scope.tenant:
+        """Remember a spoke's live answer about an agent of the active tenant; with audit,
+        record the change the operator asked for in the same transaction."""
+        if agent.tenant != current_scope().tenant:
             return
         async with self._trail.transaction() as session:
-            row = await session.get(models.HubAgent, agent.agent_id)
-            if row is None:
-                session.add(models.HubAgent(
-                    agent_id=agent.agent_id, spoke=spoke, tenant=agent.tenant,
-                    workspace=agent.workspace, template=agent.template,
-                    principal=agent.principal, state=_state_name(agent),
-                    spawn_message_id="", updated_at_ms=now_ms()))
-            elif row.tenant == scope.tenant and row.spoke == spoke:
-                row.state = _state_name(agent)
-                row.updated_at_ms = now_ms()
+            applied = await self._apply(session, spoke, agent, adopt_unknown=True)
             if audit is not None:
                 await append_audit(session, audit)
+        self._publish([applied])
+
+    async def apply_report(self, spoke: str, updates: list[wire_pb2.AgentUpdate]) -> int:
+        """Apply a spoke's status report; returns how many updates changed something.
+        Only agents this hub spawned on that spoke, in their recorded tenant, count."""
+        applied = []
+        async with self._trail.transaction() as session:
+            for update in updates:
+                agent = wire_pb2.Agent()
+                agent.CopyFrom(update.agent)
+                agent.seq = update.seq
+                applied.append(await self._apply(session, spoke, agent, adopt_unknown=False))
+        self._publish(applied)
+        return sum(a is not None for a in applied)
+
+    def _publish(self, applied: list[wire_pb2.Agent | None]) -> None:
+        """Tell watchers, once the changes are committed."""
+        for agent in applied:
+            if agent is not None:
+                self.events.publish(agent)
+
+    async def _apply(self, session: AsyncSession, spoke: str, agent: wire_pb2.Agent, *,
+                     adopt_unknown: bool) -> wire_pb2.Agent | None:
+        """Store agent if it is newer than what the registry has; return what changed."""
+        row = await session.get(models.HubAgent, agent.agent_id)
+        if row is None:
+            if not adopt_unknown:
+                return None
+            row = models.HubAgent(
+                agent_id=agent.agent_id, spoke=spoke, tenant=agent.tenant,
+                workspace=agent.workspace, template=agent.template,
+                principal=agent.principal, state="PENDING", spawn_message_id="",
+                updated_at_ms=now_ms(), report_seq=0)
+            session.add(row)
+        if row.spoke != spoke or row.tenant != agent.tenant:
+            log.warning("spoke %s reported agent %s, which belongs elsewhere; ignored",
+                        spoke, agent.agent_id)
+            return None
+        row.reported_at_ms = now_ms()
+        if agent.seq <= row.report_seq and row.snapshot is not None:
+            return None  # a duplicate or late report: never move backwards
+        stored = wire_pb2.Agent()
+        stored.CopyFrom(agent)
+        stored.spoke, stored.stale, stored.reported_at_ms = "", False, 0
+        row.snapshot = stored.SerializeToString()
+        row.report_seq = max(agent.seq, row.report_seq)
+        row.state = state_name(agent)
+        row.updated_at_ms = now_ms()
+        return known_agent(row)

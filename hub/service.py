@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -13,11 +13,11 @@ from hub.operator import HubOperator
 from hub.token_admin import TenantTokens
 from hub.tokens import Authenticated, Issued, TokenExpired, authenticate, deactivate_token
 from shared.audit import REFUSED, AuditEntry, AuditTrail, append_audit
-from shared.config import check_name
+from shared.config import SLUG_RE, check_name
 from shared.envelope import now_ms
-from shared.errors import FleetwireError, Internal, Unauthenticated, abort
+from shared.errors import FleetwireError, Internal, InvalidArgument, Unauthenticated, abort
 from shared.pb.v1 import operator_pb2, operator_pb2_grpc, wire_pb2
-from shared.scope import Role, Scope, current_scope, use_scope
+from shared.scope import Action, Role, Scope, current_scope, require_role, use_scope
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -34,15 +34,7 @@ def _authorized(action: str) -> Callable[[Handler[R]], Handler[R]]:
                           context: grpc.aio.ServicerContext) -> R:
             auth: Authenticated | None = None
             try:
-                token = ""
-                for key, value in context.invocation_metadata() or ():
-                    if key == "authorization" and isinstance(value, str):
-                        token = value.removeprefix("Bearer ").strip()
-                if not token:
-                    raise Unauthenticated(
-                        "no operator token; pass --token or set FLEETWIRE_TOKEN")
-                async with self._trail.reader() as session:
-                    auth = await authenticate(session, token, now_ms=now_ms())
+                auth = await self._authenticate(context)
                 scope = Scope(tenant=auth.tenant, workspace=None, principal=auth.principal)
                 with use_scope(scope):
                     return await method(self, request, context)
@@ -64,6 +56,17 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._trail = trail
         self._operator = operator
         self._tokens = TenantTokens(trail)
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Authenticated:
+        """The caller's tenant and principal from its bearer token."""
+        token = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                token = value.removeprefix("Bearer ").strip()
+        if not token:
+            raise Unauthenticated("no operator token; pass --token or set FLEETWIRE_TOKEN")
+        async with self._trail.reader() as session:
+            return await authenticate(session, token, now_ms=now_ms())
 
     async def _refused(self, action: str, auth: Authenticated | None, request: Any,
                        err: FleetwireError) -> None:
@@ -87,7 +90,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     @_authorized("agent.status")
     async def GetAgent(self, request: operator_pb2.GetAgentRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> wire_pb2.Agent:
-        return await self._operator.status(request.agent_id)
+        return await self._operator.status(request.agent_id, live=request.live)
 
     @_authorized("agent.list")
     async def ListAgents(self, request: operator_pb2.ListAgentsRequest,  # noqa: N802
@@ -144,3 +147,34 @@ def _issued(issued: Issued, tenant: str, principal: str, role: Role
     return operator_pb2.IssuedToken(id=issued.id, token=issued.token, tenant=tenant,
                                     principal=principal, role=f"ROLE_{role.name}",
                                     retired=list(issued.retired))
+
+
+    @_authorized("agent.logs")
+    async def GetLogs(self, request: operator_pb2.GetLogsRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext) -> wire_pb2.AgentLogs:
+        return await self._operator.logs(request.agent_id, request.tail_lines)
+
+    @_authorized("spoke.list")
+    async def ListSpokes(self, request: operator_pb2.ListSpokesRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext
+                         ) -> operator_pb2.ListSpokesResponse:
+        return await self._operator.list_spokes()
+
+    async def WatchAgents(  # noqa: N802
+        self, request: operator_pb2.WatchAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[wire_pb2.Agent]:
+        """Stream the caller's tenant's agent changes (server streaming)."""
+        auth: Authenticated | None = None
+        try:
+            auth = await self._authenticate(context)
+            scope = Scope(tenant=auth.tenant, workspace=None, principal=auth.principal)
+            with use_scope(scope):
+                require_role(auth.principal, Action.LIST)
+                if request.workspace and not SLUG_RE.match(request.workspace):
+                    raise InvalidArgument(f"workspace '{request.workspace}' is not a valid slug")
+        except FleetwireError as err:
+            await self._refused("agent.watch", auth, request, err)
+            await abort(context, err)
+        async for agent in self._operator.registry.events.watch(auth.tenant,
+                                                                request.workspace):
+            yield agent

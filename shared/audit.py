@@ -74,6 +74,12 @@ class AuditTrail:
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
         self._lock = asyncio.Lock()
+        # Set after a change that queued work for a background sender (the outbox).
+        self.pending = asyncio.Event()
+
+    def changed(self) -> None:
+        """Wake whoever drains what committed transactions queued."""
+        self.pending.set()
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[AsyncSession]:

@@ -314,8 +314,8 @@ def build_cli() -> click.Group:
     from spoke.cli import register as register_spoke
 
     if "hub" not in root.commands:
-        register_hub(root)
         register_spoke(root)
+        register_hub(root)
     return root
 
 

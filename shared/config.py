@@ -71,6 +71,8 @@ class KeepAliveConfig:
 @dataclass(frozen=True)
 class HubConfig:
     listen: str = "127.0.0.1:7400"
+    # A spoke without a heartbeat for this long is OFFLINE (3 spoke heartbeats by default).
+    offline_after_seconds: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class SpokeConfig:
     # Agent working folders live under <home>/<workspaces_dir>/<tenant>/<workspace>/.
     workspaces_dir: str = "workspaces"
     max_grace_seconds: int = 300
+    # How often the spoke tells its hubs it is alive (and retries reports at the latest).
+    heartbeat_seconds: float = 5.0
     # Environment variables agents inherit from the spoke; everything else is dropped.
     pass_env: tuple[str, ...] = ("PATH", "LANG", "LC_ALL", "TZ")
 
@@ -258,14 +262,20 @@ max_clock_skew_seconds = 60
 message_retention_seconds = 86400
 
 [hub]
-# Operator API address of `fleetwire hub run` (port 0: any free port).
+# Operator API address of `fleetwire hub run` (port 0: any free port). Spokes send
+# their status reports and heartbeats to the same address.
 listen = "127.0.0.1:7400"
+# A spoke that sent no heartbeat for this long is shown OFFLINE and commands to it fail
+# fast with UNAVAILABLE.
+offline_after_seconds = 15
 
 [spoke]
 # Command API address of `fleetwire spoke run`.
 listen = "127.0.0.1:7401"
 workspaces_dir = "workspaces"
 max_grace_seconds = 300
+# Heartbeats to the hubs this spoke knows with an address (`peer add --address`).
+heartbeat_seconds = 5
 pass_env = ["PATH", "LANG", "LC_ALL", "TZ"]
 
 # Agent templates. argv items are passed as separate arguments, never through a shell.

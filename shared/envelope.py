@@ -64,6 +64,8 @@ def seal_envelope(
     recipient: str,
     command: wire_pb2.Command | None = None,
     response: wire_pb2.Response | None = None,
+    report: wire_pb2.StatusReport | None = None,
+    heartbeat: wire_pb2.Heartbeat | None = None,
     in_reply_to: str = "",
     message_id: str | None = None,
     issued_at_ms: int | None = None,
@@ -77,12 +79,13 @@ def seal_envelope(
         issued_at_ms=now_ms() if issued_at_ms is None else issued_at_ms,
         in_reply_to=in_reply_to,
     )
-    if (command is None) == (response is None):
-        raise ValueError("an envelope carries exactly one of command or response")
-    if command is not None:
-        env.command.CopyFrom(command)
-    if response is not None:
-        env.response.CopyFrom(response)
+    bodies = {"command": command, "response": response, "report": report,
+              "heartbeat": heartbeat}
+    given = [(name, body) for name, body in bodies.items() if body is not None]
+    if len(given) != 1:
+        raise ValueError("an envelope carries exactly one body")
+    name, body = given[0]
+    getattr(env, name).CopyFrom(body)
     raw = env.SerializeToString()
     return wire_pb2.SignedEnvelope(
         envelope=raw, signature=identity.sign(SIGNING_PREFIX + raw), key_id=identity.key_id

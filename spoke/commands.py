@@ -45,6 +45,7 @@ from shared.scope import (
 from shared.tenancy import create_workspace, workspace_exists
 from spoke import procfs
 from spoke.grants import tenant_grant
+from spoke.logs import read_tail
 from spoke.store import FINAL_STATES, AgentLedger, ScopedAgents, to_wire
 from spoke.supervisor import AgentSupervisor, Ending, Launched, LaunchSpec
 from spoke.templates import MAX_TASK_CHARS, check_text, describe_templates, render_argv
@@ -52,14 +53,16 @@ from spoke.templates import MAX_TASK_CHARS, check_text, describe_templates, rend
 log = logging.getLogger(__name__)
 
 AGENT_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-_ACTIONS = {"spawn": Action.SPAWN, "get": Action.STATUS, "list": Action.LIST,
-            "kill": Action.KILL, "create_workspace": Action.MANAGE}
+_ACTIONS = {"spawn": Action.SPAWN, "get": Action.STATUS, "logs": Action.STATUS,
+            "list": Action.LIST, "kill": Action.KILL, "create_workspace": Action.MANAGE}
+_ON_AGENT = frozenset({"get", "logs", "kill"})
 
 
 @dataclass(frozen=True)
 class _Target:
+    which: str  # the command's action field
     action: Action
-    agent_id: str  # empty for spawn and list
+    agent_id: str  # empty for spawn, list and create_workspace
 
 
 class SpokeCommands:
@@ -89,7 +92,7 @@ class SpokeCommands:
         await self._trail.record(AuditEntry(
             action=f"agent.{which}", outcome=REFUSED, tenant=command.tenant,
             workspace=command.workspace, principal=command.principal.name, peer=peer,
-            target=getattr(command, which).agent_id if which in ("get", "kill", "spawn") else "",
+            target=getattr(command, which).agent_id if which in _ON_AGENT | {"spawn"} else "",
             message_id=message_id, reason=refusal.message))
         return wire_pb2.Response(error=to_wire_error(refusal))
 
@@ -98,8 +101,8 @@ class SpokeCommands:
         if which is None:
             raise InvalidArgument("command names no action")
         action = _ACTIONS[which]
-        agent_id = getattr(command, which).agent_id if which in ("get", "kill") else ""
-        target = _Target(action, agent_id)
+        agent_id = getattr(command, which).agent_id if which in _ON_AGENT else ""
+        target = _Target(which, action, agent_id)
 
         def hidden() -> NotFound:
             if agent_id:
@@ -158,6 +161,10 @@ class SpokeCommands:
         agent = await self.agents.get(target.agent_id)
         if agent is None:
             raise not_found_agent(target.agent_id)
+        if target.which == "logs":
+            text, truncated = read_tail(Path(agent.log_path), command.logs.tail_lines)
+            return wire_pb2.Response(logs=wire_pb2.AgentLogs(
+                agent_id=agent.agent_id, text=text, truncated=truncated))
         if target.action is Action.STATUS:
             return wire_pb2.Response(agent=to_wire(agent))
         return wire_pb2.Response(agent=await self._kill(agent, command.kill, message_id))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from shared.audit import AuditTrail
 from shared.config import Config
 from shared.daemon import add_health, announce, serve_until_stopped
@@ -12,6 +14,7 @@ from shared.peers import DbKeyring
 from shared.replay import MessageMemory
 from shared.rpc import start_server
 from spoke.commands import SpokeCommands
+from spoke.reporter import StatusReporter
 from spoke.service import SpokeService
 
 
@@ -30,9 +33,14 @@ async def run_spoke(cfg: Config, listen: str) -> None:
         lambda s: add_health(s, "fleetwire.v1.SpokeService"),
     ], cfg.keepalive)
     announce("spoke", cfg, listen.rpartition(":")[0], port)
+    reporter = StatusReporter(cfg, identity, DbKeyring(sessions), sessions, trail)
+    reporting = asyncio.create_task(reporter.run(), name="status-reporter")
 
     async def on_stop() -> None:
-        # Agents keep running; a restarted spoke finds them by pid and start time.
+        # Agents keep running; a restarted spoke finds them by pid and start time, and
+        # what the outbox holds is sent after the restart.
+        reporting.cancel()
+        await reporter.close()
         commands.supervisor.detach()
         await engine.dispose()
 

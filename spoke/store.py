@@ -8,7 +8,7 @@ change is written with its audit record in one transaction.
 
 from __future__ import annotations
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import ALLOWED, AuditEntry, AuditTrail, append_audit
@@ -32,11 +32,21 @@ def to_wire(agent: models.Agent) -> wire_pb2.Agent:
         template=agent.template, task=agent.task, principal=agent.principal,
         state=f"AGENT_STATE_{agent.state}",
         created_at_ms=agent.created_at_ms, started_at_ms=agent.started_at_ms or 0,
-        ended_at_ms=agent.ended_at_ms or 0, reason=agent.reason,
+        ended_at_ms=agent.ended_at_ms or 0, reason=agent.reason, seq=agent.report_seq,
     )
     if agent.exit_code is not None:
         msg.exit_code = agent.exit_code
     return msg
+
+
+def enqueue_report(session: AsyncSession, agent: models.Agent) -> None:
+    """Queue the agent's new state for the hub that spawned it, in the change's
+    transaction: a change is never committed without its report, nor the reverse."""
+    agent.report_seq = (agent.report_seq or 0) + 1
+    session.add(models.OutboxEntry(hub=agent.peer, agent_id=agent.agent_id,
+                                   seq=agent.report_seq,
+                                   payload=to_wire(agent).SerializeToString(),
+                                   created_at_ms=now_ms()))
 
 
 class ScopedAgents:
@@ -76,7 +86,9 @@ class ScopedAgents:
         async with self._trail.transaction() as session:
             await _check_quota(session, agent, template_limit)
             session.add(agent)
+            enqueue_report(session, agent)
             await append_audit(session, entry)
+        self._trail.changed()
 
 
 async def _check_quota(session: AsyncSession, agent: models.Agent,
@@ -134,10 +146,12 @@ class AgentLedger:
             )).scalar_one_or_none()
             if agent is None:
                 return
-            await session.execute(
-                update(models.Agent).where(models.Agent.agent_id == agent_id).values(**values))
+            for key, value in values.items():
+                setattr(agent, key, value)
+            enqueue_report(session, agent)
             await append_audit(session, AuditEntry(
                 action=action, outcome=ALLOWED, tenant=agent.tenant,
                 workspace=agent.workspace, principal=by, peer=agent.peer if by else "",
                 target=agent_id, message_id=message_id,
                 reason=f"{values['state']}: {values['reason']}"))
+        self._trail.changed()

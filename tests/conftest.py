@@ -16,6 +16,9 @@ from hub.demo import Daemon, LocalFederation
 from shared.cli import build_cli
 
 AGENTS = Path(__file__).parent / "agents"
+# Faster liveness than the defaults, so OFFLINE/ONLINE changes happen within a test.
+TEST_HEARTBEAT_SECONDS = 0.3
+TEST_OFFLINE_AFTER = 2.0
 
 TEST_TEMPLATES = f'''
 [templates.sleeper]
@@ -86,13 +89,16 @@ class Federation:
         grants: (tenant, workspace or None, max role); default: every tenant, operator."""
         fed = self.fed
         home = fed.init(name)
-        with open(home / "config.toml", "a") as f:
+        config = home / "config.toml"
+        config.write_text(config.read_text().replace(
+            "heartbeat_seconds = 5", f"heartbeat_seconds = {TEST_HEARTBEAT_SECONDS}"))
+        with open(config, "a") as f:
             f.write(TEST_TEMPLATES)
         for tenant, workspaces in tenants.items():
             fed.cli("tenant", "create", "--home", str(home), tenant)
             for ws in workspaces:
                 fed.cli("workspace", "create", "--home", str(home), "--tenant", tenant, ws)
-        fed.trust(name, self.hub.name)
+        fed.trust(name, self.hub.name, address=self.hub.address)
         for tenant, workspace, role in grants or [(t, None, "operator") for t in tenants]:
             fed.cli("grant", "add", "--home", str(home), "--peer", self.hub.name,
                     "--tenant", tenant, "--max-role", role,
@@ -110,7 +116,10 @@ def build_federation(root: Path) -> Iterator[Federation]:
     fed = InProcessFederation(root=root)
     try:
         hub_name = f"hub-{suffix}"
-        fed.init(hub_name)
+        hub_home = fed.init(hub_name)
+        config = hub_home / "config.toml"
+        config.write_text(config.read_text().replace(
+            "offline_after_seconds = 15", f"offline_after_seconds = {TEST_OFFLINE_AFTER}"))
         for tenant in ("acme", "globex"):
             fed.cli("tenant", "create", "--home", str(fed.homes[hub_name]), tenant)
         hub = fed.start("hub", hub_name)

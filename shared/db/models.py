@@ -34,6 +34,8 @@ class Peer(Base):
     address: Mapped[str] = mapped_column(String(255), default="")
     state: Mapped[str] = mapped_column(String(16), default="ACTIVE")
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    # On a hub: when this spoke's last heartbeat arrived.
+    last_heartbeat_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class PeerKey(Base):
@@ -112,6 +114,23 @@ class Agent(Base):
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     started_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     ended_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # How many state changes were reported for this agent (the outbox's last seq).
+    report_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class OutboxEntry(Base):
+    """On a spoke: a state change waiting to be reported to the hub that spawned it.
+    Written in the same transaction as the change; deleted once the hub acknowledged."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("agent_id", "seq"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    hub: Mapped[str] = mapped_column(String(64), index=True)
+    agent_id: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(Integer)
+    # The agent as a serialized wire Agent message, as of this change.
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
 
 
 class OperatorToken(Base):
@@ -145,6 +164,10 @@ class HubAgent(Base):
     state: Mapped[str] = mapped_column(String(16))
     spawn_message_id: Mapped[str] = mapped_column(String(64))
     updated_at_ms: Mapped[int] = mapped_column(BigInteger)
+    # The latest serialized wire Agent the spoke reported, and its seq.
+    snapshot: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    report_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reported_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class AuditRecord(Base):

@@ -88,9 +88,10 @@ async def test_unreachable_spoke_is_unavailable_in_bounded_time(isolated: Federa
                             task="", params={})
         assert time.monotonic() - started < 20
         assert "spoke-dead" in err.value.message and "unreachable" in err.value.message
-        # The failed spawn left nothing behind, and listing names the dead spoke.
-        listed = await hub.list()
+        # The failed spawn left nothing behind, and a live listing names the dead spoke.
+        listed = await hub.list(live=True)
         assert "spoke-dead" in listed.unreachable_spokes
         assert all(a.spoke != "spoke-dead" for a in listed.agents)
+        assert all(a.spoke != "spoke-dead" for a in (await hub.list()).agents)
         with pytest.raises(Unavailable):
-            await hub.list(spoke="spoke-dead")
+            await hub.list(spoke="spoke-dead", live=True)

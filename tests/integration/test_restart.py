@@ -37,6 +37,11 @@ def restart_spoke(fed: Federation, name: str, between: Callable[[], None]) -> No
     fed.spokes[name] = fed.fed.start("spoke", name, listen=old.address)
 
 
+async def reported(hub: HubClient, agent_id: str, expected: str) -> bool:
+    """Whether the hub's registry (fed by the spoke's reports) shows this state."""
+    return state(await hub.status(agent_id)) == expected
+
+
 def set_record(fed: Federation, spoke: str, agent_id: str, **values: object) -> None:
     """Edit a stopped spoke's record directly: stands in for what a crash leaves."""
     with sqlite3.connect(fed.home(spoke) / "state.db") as conn:
@@ -59,16 +64,17 @@ async def test_restart_readopts_live_agents_and_marks_gone_ones_lost(fed: Federa
 
         await asyncio.to_thread(restart_spoke, fed, "spoke-a", while_down)
 
-        assert state(await hub.status(gone.agent_id)) == "LOST"
-        assert state(await hub.status(keep.agent_id)) == "RUNNING"
+        # The spoke's verdicts reach the hub's registry as reports.
+        await eventually(lambda: reported(hub, gone.agent_id, "LOST"),
+                         what="LOST to be reported for the agent that died meanwhile")
+        assert state(await hub.status(gone.agent_id, live=True)) == "LOST"
+        assert state(await hub.status(keep.agent_id, live=True)) == "RUNNING"
 
         # An adopted agent that ends is noticed (not our child: no exit code).
         kill_marked(ends.agent_id)
 
-        async def ended_lost() -> bool:
-            return state(await hub.status(ends.agent_id)) == "LOST"
-
-        await eventually(ended_lost, what="the adopted agent's end to be recorded")
+        await eventually(lambda: reported(hub, ends.agent_id, "LOST"),
+                         what="the adopted agent's end to be recorded and reported")
 
         killed = await hub.kill(keep.agent_id, grace_ms=2000)
         assert state(killed) == "KILLED"
@@ -94,8 +100,8 @@ async def test_recycled_pid_is_never_signalled(fed: Federation) -> None:
                            pid_start_time=real + 12345)
 
             await asyncio.to_thread(restart_spoke, fed, "spoke-b", while_down)
-            after = await hub.status(agent.agent_id)
-            assert state(after) == "LOST"
+            await eventually(lambda: reported(hub, agent.agent_id, "LOST"),
+                             what="LOST to be reported")
             killed = await hub.kill(agent.agent_id, grace_ms=0)
             assert state(killed) == "LOST"
             assert pid_alive(bystander.pid), "the unrelated process at the recorded pid lives"

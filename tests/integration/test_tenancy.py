@@ -78,7 +78,7 @@ async def test_grant_revoke_takes_effect_on_the_next_command(fed: Federation) ->
                                 "--tenant", "acme")
         try:
             with pytest.raises(NotFound):
-                await hub.status(agent.agent_id)
+                await hub.status(agent.agent_id, live=True)
             with pytest.raises(NotFound):
                 await hub.kill(agent.agent_id)
             assert processes_with_marker(agent.agent_id), "the refused kill did nothing"

@@ -29,18 +29,22 @@ class SpawnAgentRequest(_message.Message):
     def __init__(self, spoke: _Optional[str] = ..., workspace: _Optional[str] = ..., template: _Optional[str] = ..., task: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetAgentRequest(_message.Message):
-    __slots__ = ("agent_id",)
+    __slots__ = ("agent_id", "live")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
-    def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
+    live: bool
+    def __init__(self, agent_id: _Optional[str] = ..., live: _Optional[bool] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
-    __slots__ = ("spoke", "workspace")
+    __slots__ = ("spoke", "workspace", "live")
     SPOKE_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
     spoke: str
     workspace: str
-    def __init__(self, spoke: _Optional[str] = ..., workspace: _Optional[str] = ...) -> None: ...
+    live: bool
+    def __init__(self, spoke: _Optional[str] = ..., workspace: _Optional[str] = ..., live: _Optional[bool] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents", "unreachable_spokes")
@@ -141,3 +145,48 @@ class CreateWorkspaceRequest(_message.Message):
     workspace: str
     max_agents: int
     def __init__(self, spoke: _Optional[str] = ..., workspace: _Optional[str] = ..., max_agents: _Optional[int] = ...) -> None: ...
+
+class WatchAgentsRequest(_message.Message):
+    __slots__ = ("workspace",)
+    WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    workspace: str
+    def __init__(self, workspace: _Optional[str] = ...) -> None: ...
+
+class GetLogsRequest(_message.Message):
+    __slots__ = ("agent_id", "tail_lines")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    tail_lines: int
+    def __init__(self, agent_id: _Optional[str] = ..., tail_lines: _Optional[int] = ...) -> None: ...
+
+class ListSpokesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SpokeInfo(_message.Message):
+    __slots__ = ("name", "address", "status", "last_heartbeat_ms", "agents_by_state")
+    class AgentsByStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    status: str
+    last_heartbeat_ms: int
+    agents_by_state: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., last_heartbeat_ms: _Optional[int] = ..., agents_by_state: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ListSpokesResponse(_message.Message):
+    __slots__ = ("spokes",)
+    SPOKES_FIELD_NUMBER: _ClassVar[int]
+    spokes: _containers.RepeatedCompositeFieldContainer[SpokeInfo]
+    def __init__(self, spokes: _Optional[_Iterable[_Union[SpokeInfo, _Mapping]]] = ...) -> None: ...

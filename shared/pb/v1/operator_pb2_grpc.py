@@ -80,6 +80,21 @@ class OperatorServiceStub:
                 request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.CreateWorkspaceRequest.SerializeToString,
                 response_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.Workspace.FromString,
                 _registered_method=True)
+        self.WatchAgents = channel.unary_stream(
+                '/fleetwire.v1.OperatorService/WatchAgents',
+                request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.WatchAgentsRequest.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.Agent.FromString,
+                _registered_method=True)
+        self.GetLogs = channel.unary_unary(
+                '/fleetwire.v1.OperatorService/GetLogs',
+                request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.GetLogsRequest.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.AgentLogs.FromString,
+                _registered_method=True)
+        self.ListSpokes = channel.unary_unary(
+                '/fleetwire.v1.OperatorService/ListSpokes',
+                request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.ListSpokesRequest.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.ListSpokesResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServiceServicer:
@@ -139,6 +154,25 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAgents(self, request, context):
+        """State changes of the caller's tenant as the hub learns them, until cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLogs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSpokes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +220,21 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.CreateWorkspace,
                     request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.CreateWorkspaceRequest.FromString,
                     response_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.Workspace.SerializeToString,
+            ),
+            'WatchAgents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAgents,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.WatchAgentsRequest.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.Agent.SerializeToString,
+            ),
+            'GetLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLogs,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.GetLogsRequest.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.AgentLogs.SerializeToString,
+            ),
+            'ListSpokes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSpokes,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.ListSpokesRequest.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.ListSpokesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +480,87 @@ class OperatorService:
             '/fleetwire.v1.OperatorService/CreateWorkspace',
             shared_dot_pb_dot_v1_dot_operator__pb2.CreateWorkspaceRequest.SerializeToString,
             shared_dot_pb_dot_v1_dot_wire__pb2.Workspace.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleetwire.v1.OperatorService/WatchAgents',
+            shared_dot_pb_dot_v1_dot_operator__pb2.WatchAgentsRequest.SerializeToString,
+            shared_dot_pb_dot_v1_dot_wire__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwire.v1.OperatorService/GetLogs',
+            shared_dot_pb_dot_v1_dot_operator__pb2.GetLogsRequest.SerializeToString,
+            shared_dot_pb_dot_v1_dot_wire__pb2.AgentLogs.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSpokes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwire.v1.OperatorService/ListSpokes',
+            shared_dot_pb_dot_v1_dot_operator__pb2.ListSpokesRequest.SerializeToString,
+            shared_dot_pb_dot_v1_dot_operator__pb2.ListSpokesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,6 +24,7 @@ class AgentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AGENT_STATE_KILLED: _ClassVar[AgentState]
     AGENT_STATE_TIMED_OUT: _ClassVar[AgentState]
     AGENT_STATE_LOST: _ClassVar[AgentState]
+    AGENT_STATE_UNKNOWN: _ClassVar[AgentState]
 
 class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -45,6 +46,7 @@ AGENT_STATE_FAILED: AgentState
 AGENT_STATE_KILLED: AgentState
 AGENT_STATE_TIMED_OUT: AgentState
 AGENT_STATE_LOST: AgentState
+AGENT_STATE_UNKNOWN: AgentState
 ERROR_CODE_UNSPECIFIED: ErrorCode
 ERROR_CODE_INVALID_ARGUMENT: ErrorCode
 ERROR_CODE_NOT_FOUND: ErrorCode
@@ -63,7 +65,7 @@ class SignedEnvelope(_message.Message):
     def __init__(self, envelope: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("message_id", "sender", "recipient", "key_id", "issued_at_ms", "in_reply_to", "command", "response")
+    __slots__ = ("message_id", "sender", "recipient", "key_id", "issued_at_ms", "in_reply_to", "command", "response", "report", "heartbeat")
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +74,8 @@ class Envelope(_message.Message):
     IN_REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     message_id: str
     sender: str
     recipient: str
@@ -80,7 +84,33 @@ class Envelope(_message.Message):
     in_reply_to: str
     command: Command
     response: Response
-    def __init__(self, message_id: _Optional[str] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., key_id: _Optional[str] = ..., issued_at_ms: _Optional[int] = ..., in_reply_to: _Optional[str] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., response: _Optional[_Union[Response, _Mapping]] = ...) -> None: ...
+    report: StatusReport
+    heartbeat: Heartbeat
+    def __init__(self, message_id: _Optional[str] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., key_id: _Optional[str] = ..., issued_at_ms: _Optional[int] = ..., in_reply_to: _Optional[str] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., response: _Optional[_Union[Response, _Mapping]] = ..., report: _Optional[_Union[StatusReport, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class AgentUpdate(_message.Message):
+    __slots__ = ("agent", "seq")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    agent: Agent
+    seq: int
+    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class StatusReport(_message.Message):
+    __slots__ = ("updates", "snapshot")
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    updates: _containers.RepeatedCompositeFieldContainer[AgentUpdate]
+    snapshot: bool
+    def __init__(self, updates: _Optional[_Iterable[_Union[AgentUpdate, _Mapping]]] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("agents_running", "interval_ms")
+    AGENTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    agents_running: int
+    interval_ms: int
+    def __init__(self, agents_running: _Optional[int] = ..., interval_ms: _Optional[int] = ...) -> None: ...
 
 class Principal(_message.Message):
     __slots__ = ("name", "role")
@@ -91,7 +121,7 @@ class Principal(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("tenant", "workspace", "principal", "spawn", "get", "list", "kill", "create_workspace")
+    __slots__ = ("tenant", "workspace", "principal", "spawn", "get", "list", "kill", "create_workspace", "logs")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +130,7 @@ class Command(_message.Message):
     LIST_FIELD_NUMBER: _ClassVar[int]
     KILL_FIELD_NUMBER: _ClassVar[int]
     CREATE_WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     workspace: str
     principal: Principal
@@ -108,7 +139,30 @@ class Command(_message.Message):
     list: ListAgents
     kill: KillAgent
     create_workspace: CreateWorkspace
-    def __init__(self, tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ..., spawn: _Optional[_Union[SpawnAgent, _Mapping]] = ..., get: _Optional[_Union[GetAgent, _Mapping]] = ..., list: _Optional[_Union[ListAgents, _Mapping]] = ..., kill: _Optional[_Union[KillAgent, _Mapping]] = ..., create_workspace: _Optional[_Union[CreateWorkspace, _Mapping]] = ...) -> None: ...
+    logs: GetLogs
+    def __init__(self, tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ..., spawn: _Optional[_Union[SpawnAgent, _Mapping]] = ..., get: _Optional[_Union[GetAgent, _Mapping]] = ..., list: _Optional[_Union[ListAgents, _Mapping]] = ..., kill: _Optional[_Union[KillAgent, _Mapping]] = ..., create_workspace: _Optional[_Union[CreateWorkspace, _Mapping]] = ..., logs: _Optional[_Union[GetLogs, _Mapping]] = ...) -> None: ...
+
+class GetLogs(_message.Message):
+    __slots__ = ("agent_id", "tail_lines")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    tail_lines: int
+    def __init__(self, agent_id: _Optional[str] = ..., tail_lines: _Optional[int] = ...) -> None: ...
+
+class AgentLogs(_message.Message):
+    __slots__ = ("agent_id", "text", "truncated")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    text: str
+    truncated: bool
+    def __init__(self, agent_id: _Optional[str] = ..., text: _Optional[str] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class CreateWorkspace(_message.Message):
     __slots__ = ("max_agents",)
@@ -166,7 +220,7 @@ class KillAgent(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., grace_ms: _Optional[int] = ...) -> None: ...
 
 class Agent(_message.Message):
-    __slots__ = ("agent_id", "spoke", "tenant", "workspace", "template", "task", "principal", "state", "exit_code", "created_at_ms", "started_at_ms", "ended_at_ms", "reason")
+    __slots__ = ("agent_id", "spoke", "tenant", "workspace", "template", "task", "principal", "state", "exit_code", "created_at_ms", "started_at_ms", "ended_at_ms", "reason", "stale", "reported_at_ms", "seq")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SPOKE_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +234,9 @@ class Agent(_message.Message):
     STARTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     spoke: str
     tenant: str
@@ -193,7 +250,10 @@ class Agent(_message.Message):
     started_at_ms: int
     ended_at_ms: int
     reason: str
-    def __init__(self, agent_id: _Optional[str] = ..., spoke: _Optional[str] = ..., tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., template: _Optional[str] = ..., task: _Optional[str] = ..., principal: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., exit_code: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., started_at_ms: _Optional[int] = ..., ended_at_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    stale: bool
+    reported_at_ms: int
+    seq: int
+    def __init__(self, agent_id: _Optional[str] = ..., spoke: _Optional[str] = ..., tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., template: _Optional[str] = ..., task: _Optional[str] = ..., principal: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., exit_code: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., started_at_ms: _Optional[int] = ..., ended_at_ms: _Optional[int] = ..., reason: _Optional[str] = ..., stale: _Optional[bool] = ..., reported_at_ms: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class AgentList(_message.Message):
     __slots__ = ("agents",)
@@ -212,13 +272,17 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class Response(_message.Message):
-    __slots__ = ("agent", "agents", "error", "workspace")
+    __slots__ = ("agent", "agents", "error", "workspace", "logs", "ack")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     agent: Agent
     agents: AgentList
     error: Error
     workspace: Workspace
-    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., agents: _Optional[_Union[AgentList, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., workspace: _Optional[_Union[Workspace, _Mapping]] = ...) -> None: ...
+    logs: AgentLogs
+    ack: Ack
+    def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., agents: _Optional[_Union[AgentList, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., workspace: _Optional[_Union[Workspace, _Mapping]] = ..., logs: _Optional[_Union[AgentLogs, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...

@@ -104,3 +104,81 @@ class SpokeService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class HubPeerServiceStub:
+    """The hub's peer API, on the same port as its operator API: spokes deliver signed
+    status reports and heartbeats; the answer is a signed Response with an Ack.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Deliver = channel.unary_unary(
+                '/fleetwire.v1.HubPeerService/Deliver',
+                request_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.FromString,
+                _registered_method=True)
+
+
+class HubPeerServiceServicer:
+    """The hub's peer API, on the same port as its operator API: spokes deliver signed
+    status reports and heartbeats; the answer is a signed Response with an Ack.
+    """
+
+    def Deliver(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_HubPeerServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Deliver': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deliver,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fleetwire.v1.HubPeerService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fleetwire.v1.HubPeerService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class HubPeerService:
+    """The hub's peer API, on the same port as its operator API: spokes deliver signed
+    status reports and heartbeats; the answer is a signed Response with an Ack.
+    """
+
+    @staticmethod
+    def Deliver(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwire.v1.HubPeerService/Deliver',
+            shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.SerializeToString,
+            shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

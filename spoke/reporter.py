@@ -1,0 +1,196 @@
+"""Status flowing from a spoke to its hubs: the outbox drained as signed reports, and
+heartbeats.
+
+Each state change was queued in the outbox in the transaction that made it. The
+reporter sends a hub its entries oldest first, deletes them once the hub's signed Ack
+is verified, and retries with backoff until then; the hub applies each (agent, seq)
+once. Heartbeats tell the hub the spoke is alive; the first that gets through after a
+start or an outage is followed by a snapshot of every agent of that hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+from shared.audit import AuditTrail
+from shared.config import Config
+from shared.db import models
+from shared.envelope import Keyring, open_envelope, seal_envelope
+from shared.errors import FleetwireError, from_wire_error
+from shared.identity import Identity
+from shared.pb.v1 import wire_pb2, wire_pb2_grpc
+from shared.peers import ACTIVE
+from shared.rpc import open_channel
+from spoke.store import LIVE_STATES, to_wire
+
+log = logging.getLogger(__name__)
+
+BATCH = 200
+SEND_TIMEOUT_SECONDS = 10.0
+
+
+class HubUnreachable(Exception):
+    """A hub did not take a report or heartbeat; the caller retries later."""
+
+
+class StatusReporter:
+    def __init__(self, cfg: Config, identity: Identity, keyring: Keyring,
+                 sessions: async_sessionmaker[AsyncSession], trail: AuditTrail) -> None:
+        self._cfg = cfg
+        self._identity = identity
+        self._keyring = keyring
+        self._sessions = sessions
+        self._trail = trail
+        self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        # Hubs that must get a snapshot before anything else (all of them at start).
+        self._needs_snapshot: set[str] | None = None
+
+    async def run(self) -> None:
+        """Drain the outbox and send heartbeats until cancelled."""
+        await asyncio.gather(self._drain_forever(), self._heartbeat_forever())
+
+    async def close(self) -> None:
+        for _, channel in self._channels.values():
+            await channel.close()
+
+    # -- reports -----------------------------------------------------------------------
+
+    async def _drain_forever(self) -> None:
+        while True:
+            self._trail.pending.clear()
+            try:
+                async for attempt in AsyncRetrying(
+                        retry=retry_if_exception_type(HubUnreachable),
+                        wait=wait_exponential(multiplier=0.2, max=self._max_backoff())):
+                    with attempt:
+                        await self.drain_once()
+            except Exception:
+                log.exception("draining the outbox failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._trail.pending.wait(),
+                                       timeout=self._cfg.spoke.heartbeat_seconds)
+
+    def _max_backoff(self) -> float:
+        return max(1.0, self._cfg.spoke.heartbeat_seconds * 2)
+
+    async def drain_once(self) -> None:
+        """Send every queued entry to its hub; raise HubUnreachable if any hub failed."""
+        async with self._sessions() as session:
+            entries = list((await session.execute(
+                select(models.OutboxEntry).order_by(models.OutboxEntry.id).limit(BATCH)
+            )).scalars())
+        by_hub: dict[str, list[models.OutboxEntry]] = {}
+        for entry in entries:
+            by_hub.setdefault(entry.hub, []).append(entry)
+        failed = []
+        for hub, batch in by_hub.items():
+            report = wire_pb2.StatusReport(updates=[
+                wire_pb2.AgentUpdate(agent=wire_pb2.Agent.FromString(e.payload), seq=e.seq)
+                for e in batch])
+            try:
+                await self._send(hub, report=report)
+            except HubUnreachable as exc:
+                failed.append(f"{hub}: {exc}")
+                continue
+            async with self._sessions() as session, session.begin():
+                await session.execute(delete(models.OutboxEntry).where(
+                    models.OutboxEntry.id.in_([e.id for e in batch])))
+        if failed:
+            raise HubUnreachable("; ".join(failed))
+        if len(entries) == BATCH:
+            self._trail.changed()  # more to send
+
+    # -- heartbeats and snapshots ------------------------------------------------------
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await self.heartbeat_once()
+            await asyncio.sleep(self._cfg.spoke.heartbeat_seconds)
+
+    async def heartbeat_once(self) -> None:
+        hubs = await self._hubs()
+        if self._needs_snapshot is None:
+            self._needs_snapshot = set(hubs)
+        running = await self._running_count()
+        for hub in hubs:
+            try:
+                await self._send(hub, heartbeat=wire_pb2.Heartbeat(
+                    agents_running=running,
+                    interval_ms=int(self._cfg.spoke.heartbeat_seconds * 1000)))
+                if hub in self._needs_snapshot:
+                    await self._send(hub, report=await self._snapshot(hub))
+                    self._needs_snapshot.discard(hub)
+            except HubUnreachable as exc:
+                if hub not in self._needs_snapshot:
+                    log.warning("hub %s unreachable (%s); a snapshot follows when it is "
+                                "back", hub, exc)
+                self._needs_snapshot.add(hub)
+
+    async def _snapshot(self, hub: str) -> wire_pb2.StatusReport:
+        async with self._sessions() as session:
+            agents = list((await session.execute(
+                select(models.Agent).where(models.Agent.peer == hub))).scalars())
+        return wire_pb2.StatusReport(snapshot=True, updates=[
+            wire_pb2.AgentUpdate(agent=to_wire(a), seq=a.report_seq) for a in agents])
+
+    async def _hubs(self) -> list[str]:
+        """Peers this spoke reports to: active ones with an address (hubs it knows)."""
+        async with self._sessions() as session:
+            return list((await session.execute(
+                select(models.Peer.name).where(models.Peer.state == ACTIVE,
+                                               models.Peer.address != ""))).scalars())
+
+    async def _running_count(self) -> int:
+        async with self._sessions() as session:
+            rows = (await session.execute(select(models.Agent.agent_id).where(
+                models.Agent.state.in_(sorted(LIVE_STATES))))).all()
+        return len(rows)
+
+    # -- the wire ----------------------------------------------------------------------
+
+    async def _send(self, hub: str, **body: wire_pb2.StatusReport | wire_pb2.Heartbeat
+                    ) -> None:
+        """Seal, deliver and verify one message to a hub; HubUnreachable on any failure."""
+        async with self._sessions() as session:
+            address = (await session.execute(
+                select(models.Peer.address).where(models.Peer.name == hub,
+                                                  models.Peer.state == ACTIVE)
+            )).scalar_one_or_none()
+        if not address:
+            raise HubUnreachable(f"no address for hub '{hub}' (set one with `fleetwire "
+                                 "peer add --address`)")
+        signed = seal_envelope(self._identity, recipient=hub, **body)  # type: ignore[arg-type]
+        message_id = wire_pb2.Envelope.FromString(signed.envelope).message_id
+        try:
+            reply = await self._stub(hub, address).Deliver(signed, timeout=SEND_TIMEOUT_SECONDS)
+            opened = await open_envelope(reply, keyring=self._keyring, me=self._identity.name,
+                                         skew_ms=self._cfg.wire.max_clock_skew_seconds * 1000)
+        except grpc.aio.AioRpcError as exc:
+            raise HubUnreachable(f"{exc.code().name}: {exc.details()}") from None
+        except FleetwireError as exc:
+            raise HubUnreachable(f"its answer failed verification: {exc.message}") from None
+        env = opened.envelope
+        if env.sender != hub or env.in_reply_to != message_id:
+            raise HubUnreachable("its answer is not a signed reply to this message")
+        if env.response.WhichOneof("result") == "error":
+            err = from_wire_error(env.response.error)
+            raise HubUnreachable(f"refused: {err.message}")
+        if env.response.WhichOneof("result") != "ack":
+            raise HubUnreachable("its answer is not an acknowledgement")
+
+    def _stub(self, hub: str, address: str) -> wire_pb2_grpc.HubPeerServiceStub:
+        known = self._channels.get(hub)
+        if known is None or known[0] != address:
+            known = (address, open_channel(address, self._cfg.keepalive))
+            self._channels[hub] = known
+        return wire_pb2_grpc.HubPeerServiceStub(known[1])
+
+
+
