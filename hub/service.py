@@ -142,13 +142,6 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return await self._operator.create_workspace(request)
 
 
-def _issued(issued: Issued, tenant: str, principal: str, role: Role
-            ) -> operator_pb2.IssuedToken:
-    return operator_pb2.IssuedToken(id=issued.id, token=issued.token, tenant=tenant,
-                                    principal=principal, role=f"ROLE_{role.name}",
-                                    retired=list(issued.retired))
-
-
     @_authorized("agent.logs")
     async def GetLogs(self, request: operator_pb2.GetLogsRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext) -> wire_pb2.AgentLogs:
@@ -178,3 +171,10 @@ def _issued(issued: Issued, tenant: str, principal: str, role: Role
         async for agent in self._operator.registry.events.watch(auth.tenant,
                                                                 request.workspace):
             yield agent
+
+
+def _issued(issued: Issued, tenant: str, principal: str, role: Role
+            ) -> operator_pb2.IssuedToken:
+    return operator_pb2.IssuedToken(id=issued.id, token=issued.token, tenant=tenant,
+                                    principal=principal, role=f"ROLE_{role.name}",
+                                    retired=list(issued.retired))

@@ -56,12 +56,11 @@ class MessageMemory:
                             f"envelope rejected: message_id '{env.message_id}' was already "
                             "used with other content (replay)"
                         )
-                    if seen.response is None:
-                        raise Internal(
-                            f"message '{env.message_id}' was interrupted before it was "
-                            "answered; check the agent list before sending a new command"
-                        )
-                    return seen.response
+                    if seen.response is not None:
+                        return seen.response
+                    # Claimed but never answered, and nobody here holds it: the process
+                    # stopped mid-way. Handle it again; handlers are idempotent per
+                    # message (a spawn by its agent id).
                 try:
                     answer = await handle()
                 except BaseException:

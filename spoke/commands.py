@@ -180,7 +180,11 @@ class SpokeCommands:
         if not AGENT_ID_RE.match(req.agent_id):
             raise InvalidArgument("agent_id must be 32 lowercase hex digits")
         check_text("task", req.task, MAX_TASK_CHARS)
-        if await self.agents.exists_anywhere(req.agent_id):
+        existing = await self.agents.get(req.agent_id)
+        if existing is not None and existing.peer == scope.peer:
+            # The same spawn again (its first run was cut off by a restart): one agent.
+            return to_wire(existing)
+        if existing is not None or await self.agents.exists_anywhere(req.agent_id):
             raise InvalidArgument(f"agent id '{req.agent_id}' is already in use; use a new id")
         assert scope.workspace is not None
         base = self._cfg.workspaces_root / scope.tenant / scope.workspace

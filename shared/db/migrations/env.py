@@ -19,7 +19,8 @@ def _run(connection: Connection) -> None:
 
 
 async def _main() -> None:
-    engine = make_engine(context.config.get_main_option("sqlalchemy.url") or "")
+    engine = make_engine(context.config.get_main_option("sqlalchemy.url") or "",
+                         enforce_foreign_keys=False)
     async with engine.connect() as conn:
         await conn.run_sync(_run)
     await engine.dispose()
