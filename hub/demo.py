@@ -201,9 +201,11 @@ def run_demo(*, keep: bool = False) -> None:
             fed.cli("workspace", "create", "--home", home, "--tenant", "acme", "research")
             fed.cli("workspace", "create", "--home", home, "--tenant", "globex", "ops")
 
-        title("Each spoke trusts the hub's key and grants it both tenants")
+        title("Start the hub; each spoke trusts its key, reports to it, and grants it both "
+              "tenants")
+        hub = fed.start("hub", "hub")
         for spoke in ("spoke-a", "spoke-b"):
-            fed.trust(spoke, "hub")
+            fed.trust(spoke, "hub", address=hub.address)
             for tenant in ("acme", "globex"):
                 fed.cli("grant", "add", "--home", str(fed.homes[spoke]), "--peer", "hub",
                         "--tenant", tenant)
@@ -213,8 +215,7 @@ def run_demo(*, keep: bool = False) -> None:
             daemon = fed.start("spoke", spoke)
             fed.trust("hub", spoke, address=daemon.address)
 
-        title("Start the hub and make one operator token per tenant")
-        hub = fed.start("hub", "hub")
+        title("One operator token per tenant")
         tokens = {}
         for tenant in ("acme", "globex"):
             out = fed.cli("token", "create", "--home", str(fed.homes["hub"]), "--tenant",
@@ -240,13 +241,18 @@ def run_demo(*, keep: bool = False) -> None:
                                 "--template", "demo", "--task", "crawl",
                                 "--param", "steps=100000", "--json", env=acme).stdout)
 
-        title("Status of the short agent, asked until it has finished")
+        title("The short agent's status, from the hub's registry (fed by the spokes' "
+              "reports), until it has finished")
 
         def finished() -> bool:
             out = agent("status", short["agent_id"], "--json", env=acme, check=True).stdout
             return bool(json.loads(out)["state"] == "SUCCEEDED")
 
         wait_for(finished, 30, "the short agent to succeed", interval=0.5)
+
+        title("The spokes as the hub sees them, and the short agent's output")
+        fed.cli("spoke", "list", env=acme)
+        agent("logs", short["agent_id"], "--tail", "3", env=acme)
 
         title("List acme's agents across both spokes")
         agent("list", env=acme)
