@@ -13,6 +13,7 @@ from shared.config import Config
 from shared.daemon import add_health, announce, serve_until_stopped
 from shared.db.engine import make_engine, make_sessions
 from shared.identity import load_identity
+from shared.inbox import EnvelopeInbox
 from shared.pb.v1 import operator_pb2_grpc, wire_pb2_grpc
 from shared.peers import DbKeyring
 from shared.replay import MessageMemory
@@ -29,7 +30,9 @@ async def run_hub(cfg: Config, listen: str) -> None:
     memory = MessageMemory(sessions)
     registry = HubRegistry(trail, AgentEvents())
     service = OperatorService(trail, HubOperator(cfg, trail, dispatcher, registry))
-    peers = HubPeerService(cfg, identity, keyring, memory, trail, registry)
+    inbox = EnvelopeInbox(identity, keyring, memory, trail,
+                          skew_ms=cfg.wire.max_clock_skew_seconds * 1000)
+    peers = HubPeerService(inbox, trail, registry)
     server, port = await start_server(listen, [
         lambda s: operator_pb2_grpc.add_OperatorServiceServicer_to_server(service, s),
         lambda s: wire_pb2_grpc.add_HubPeerServiceServicer_to_server(peers, s),

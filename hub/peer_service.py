@@ -1,8 +1,8 @@
 """The hub's peer API: spokes deliver signed status reports and heartbeats.
 
-The same wire rules as every envelope (verify the exact bytes, sender, key, recipient,
-skew; replay memory), then the report is applied to the registry by (spoke, agent, seq)
-and a signed Ack goes back. The spoke deletes its outbox entries only on that Ack.
+The shared inbox applies the wire rules and replay memory; here a report is applied to
+the registry by (spoke, agent, seq) and a heartbeat stamps the spoke alive. The signed
+Ack that goes back is what lets the spoke delete its outbox entries.
 """
 
 from __future__ import annotations
@@ -13,47 +13,31 @@ import grpc
 from sqlalchemy import update
 
 from hub.registry import HubRegistry
-from shared.audit import REFUSED, AuditEntry, AuditTrail
-from shared.config import Config
+from shared.audit import AuditTrail
 from shared.db import models
-from shared.envelope import Keyring, OpenedEnvelope, now_ms, open_envelope, seal_envelope
-from shared.errors import FleetwireError, InvalidArgument, abort
-from shared.identity import Identity
+from shared.envelope import OpenedEnvelope, now_ms
+from shared.inbox import EnvelopeInbox
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
-from shared.replay import MessageMemory
 
 log = logging.getLogger(__name__)
 
+_REPORTS = frozenset({"report", "heartbeat"})
+
 
 class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
-    def __init__(self, cfg: Config, identity: Identity, keyring: Keyring,
-                 memory: MessageMemory, trail: AuditTrail, registry: HubRegistry) -> None:
-        self._cfg = cfg
-        self._identity = identity
-        self._keyring = keyring
-        self._memory = memory
+    def __init__(self, inbox: EnvelopeInbox, trail: AuditTrail, registry: HubRegistry) -> None:
+        self._inbox = inbox
         self._trail = trail
         self._registry = registry
 
     async def Deliver(  # noqa: N802 (gRPC method name)
         self, request: wire_pb2.SignedEnvelope, context: grpc.aio.ServicerContext
     ) -> wire_pb2.SignedEnvelope:
-        try:
-            opened = await open_envelope(
-                request, keyring=self._keyring, me=self._identity.name,
-                skew_ms=self._cfg.wire.max_clock_skew_seconds * 1000)
-            if opened.envelope.WhichOneof("body") not in ("report", "heartbeat"):
-                raise InvalidArgument("the hub's peer API takes only status reports and "
-                                      "heartbeats")
-            answer = await self._memory.once(opened, lambda: self._answer(opened))
-        except FleetwireError as err:
-            await self._trail.record(AuditEntry(
-                action="envelope", outcome=REFUSED, target=f"key_id {request.key_id[:32]}",
-                reason=err.message))
-            await abort(context, err)
-        return wire_pb2.SignedEnvelope.FromString(answer)
+        return await self._inbox.deliver(
+            request, context, accepts=_REPORTS, answer=self._answer,
+            refusal="the hub's peer API takes only status reports and heartbeats")
 
-    async def _answer(self, opened: OpenedEnvelope) -> bytes:
+    async def _answer(self, opened: OpenedEnvelope) -> wire_pb2.Response:
         env = opened.envelope
         if env.WhichOneof("body") == "heartbeat":
             async with self._trail.transaction() as session:
@@ -63,7 +47,4 @@ class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
             changed = await self._registry.apply_report(env.sender, list(env.report.updates))
             log.debug("report from %s: %d of %d updates applied", env.sender, changed,
                       len(env.report.updates))
-        sealed = seal_envelope(self._identity, recipient=env.sender,
-                               response=wire_pb2.Response(ack=wire_pb2.Ack()),
-                               in_reply_to=env.message_id)
-        return sealed.SerializeToString()
+        return wire_pb2.Response(ack=wire_pb2.Ack())

@@ -9,6 +9,7 @@ from shared.config import Config
 from shared.daemon import add_health, announce, serve_until_stopped
 from shared.db.engine import make_engine, make_sessions
 from shared.identity import load_identity
+from shared.inbox import EnvelopeInbox
 from shared.pb.v1 import wire_pb2_grpc
 from shared.peers import DbKeyring
 from shared.replay import MessageMemory
@@ -26,8 +27,9 @@ async def run_spoke(cfg: Config, listen: str) -> None:
     trail = AuditTrail(sessions)
     commands = SpokeCommands(cfg, sessions, trail)
     await commands.recover()
-    service = SpokeService(identity, DbKeyring(sessions), memory, commands, trail,
-                           skew_ms=cfg.wire.max_clock_skew_seconds * 1000)
+    inbox = EnvelopeInbox(identity, DbKeyring(sessions), memory, trail,
+                          skew_ms=cfg.wire.max_clock_skew_seconds * 1000)
+    service = SpokeService(inbox, commands)
     server, port = await start_server(listen, [
         lambda s: wire_pb2_grpc.add_SpokeServiceServicer_to_server(service, s),
         lambda s: add_health(s, "fleetwire.v1.SpokeService"),

@@ -1,8 +1,8 @@
 """AgentSupervisor: starts agent processes, watches them, and kills whole agents.
 
-Each agent gets its own session and process group (start_new_session, no preexec_fn),
-a working folder, a log file its stdout and stderr go straight to, and a filtered
-environment carrying an id marker. Killing is SIGTERM to every process of the agent,
+Each agent gets its own session and process group (start_new_session; no Python code
+runs between fork and exec), a working folder, a log file its stdout and stderr go
+straight to, and a filtered environment carrying an id marker. Killing is SIGTERM to every process of the agent,
 the grace period, then SIGKILL until nothing of it is left.
 """
 

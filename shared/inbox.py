@@ -1,0 +1,55 @@
+"""Receiving signed envelopes from peers: the one path every peer-facing Deliver takes.
+
+Open (verify the exact bytes, then parse; DESIGN.md's rules), accept only the bodies
+this API takes, run each message once through replay memory, seal the answer, and audit
+every refusal. Servicers supply only what to do with an accepted message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from shared.audit import REFUSED, AuditEntry, AuditTrail
+from shared.envelope import Keyring, OpenedEnvelope, open_envelope, seal_envelope
+from shared.errors import FleetwireError, InvalidArgument, abort
+from shared.identity import Identity
+from shared.pb.v1 import wire_pb2
+from shared.replay import MessageMemory
+
+Answer = Callable[[OpenedEnvelope], Awaitable[wire_pb2.Response]]
+
+
+class EnvelopeInbox:
+    def __init__(self, identity: Identity, keyring: Keyring, memory: MessageMemory,
+                 trail: AuditTrail, skew_ms: int) -> None:
+        self._identity = identity
+        self._keyring = keyring
+        self._memory = memory
+        self._trail = trail
+        self._skew_ms = skew_ms
+
+    async def deliver(self, request: wire_pb2.SignedEnvelope,
+                      context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
+                      refusal: str, answer: Answer) -> wire_pb2.SignedEnvelope:
+        """The signed answer to one envelope; refusals end the RPC with their status."""
+        try:
+            opened = await open_envelope(request, keyring=self._keyring,
+                                         me=self._identity.name, skew_ms=self._skew_ms)
+            if opened.envelope.WhichOneof("body") not in accepts:
+                raise InvalidArgument(refusal)
+            sealed = await self._memory.once(opened, lambda: self._sealed(opened, answer))
+        except FleetwireError as err:
+            # Only the outer key_id is named: unverified bytes are never parsed.
+            await self._trail.record(AuditEntry(
+                action="envelope", outcome=REFUSED, target=f"key_id {request.key_id[:32]}",
+                reason=err.message))
+            await abort(context, err)
+        return wire_pb2.SignedEnvelope.FromString(sealed)
+
+    async def _sealed(self, opened: OpenedEnvelope, answer: Answer) -> bytes:
+        env = opened.envelope
+        response = await answer(opened)
+        return seal_envelope(self._identity, recipient=env.sender, response=response,
+                             in_reply_to=env.message_id).SerializeToString()
