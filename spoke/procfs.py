@@ -63,19 +63,37 @@ def _all_stats() -> list[ProcStat]:
     return stats
 
 
-def _has_marker(pid: int, marker: bytes) -> bool:
-    try:
-        environ = (PROC / str(pid) / "environ").read_bytes()
-    except OSError:
-        return False
-    return marker in environ.split(b"\0")
+# A process's initial environment never changes, so which agent (if any) a process
+# belongs to is read once per (pid, start time): many concurrent kills then cost a pass
+# over /proc/*/stat each, not over every process's environment.
+_AGENT_OF: dict[tuple[int, int], str] = {}
+_AGENT_OF_LIMIT = 100_000
+
+
+def _agent_of(proc: ProcStat) -> str:
+    key = (proc.pid, proc.start_time)
+    found = _AGENT_OF.get(key)
+    if found is None:
+        found = ""
+        try:
+            environ = (PROC / str(proc.pid) / "environ").read_bytes()
+        except OSError:
+            return ""  # not cached: may be readable later
+        prefix = AGENT_ENV.encode() + b"="
+        for item in environ.split(b"\0"):
+            if item.startswith(prefix):
+                found = item[len(prefix):].decode(errors="replace")
+                break
+        if len(_AGENT_OF) >= _AGENT_OF_LIMIT:
+            _AGENT_OF.clear()
+        _AGENT_OF[key] = found
+    return found
 
 
 def agent_processes(root_pid: int, root_start: int, agent_id: str) -> list[ProcStat]:
     """Every live process of an agent: its session and process group, the descendants
     of any of them, and any process carrying the agent's environment marker (which
     finds descendants that escaped with setsid and were re-parented)."""
-    marker = f"{AGENT_ENV}={agent_id}".encode()
     stats = _all_stats()
     me = os.getpid()
     # A pgrp/session id stays allocated while any member lives, so membership by these
@@ -91,7 +109,7 @@ def agent_processes(root_pid: int, root_start: int, agent_id: str) -> list[ProcS
     for s in stats:
         # ppid 2 is kthreadd: kernel threads have no environment to read.
         candidate = s.pid not in members and s.pid not in (me, 1) and s.ppid != 2
-        if candidate and _has_marker(s.pid, marker):
+        if candidate and _agent_of(s) == agent_id:
             members[s.pid] = s
     by_parent: dict[int, list[ProcStat]] = {}
     for s in stats:

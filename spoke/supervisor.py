@@ -2,8 +2,8 @@
 
 Each agent gets its own session and process group (start_new_session; no Python code
 runs between fork and exec), a working folder, a log file its stdout and stderr go
-straight to, and a filtered environment carrying an id marker. Killing is SIGTERM to every process of the agent,
-the grace period, then SIGKILL until nothing of it is left.
+straight to, and a filtered environment carrying an id marker. Killing is SIGTERM to
+every process of the agent, the grace period, then SIGKILL until nothing of it is left.
 """
 
 from __future__ import annotations
