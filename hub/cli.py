@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -304,16 +305,74 @@ def agent_list(hub_addr: str, tok: str, spoke: str, workspace: str, live: bool,
 
 @agent.command("kill")
 @hub_options
-@click.argument("agent_id")
+@click.argument("agent_id", required=False)
 @click.option("--grace", type=click.FloatRange(min=0), default=None,
               help="Seconds between SIGTERM and SIGKILL (default: the template's).")
+@click.option("--reason", default="", help="Why; kept in the agent's history and the audit "
+              "trail.")
+@click.option("--all", "kill_all", is_flag=True,
+              help="Kill every agent in --workspace that matches the filters (admins).")
+@click.option("--workspace", default="", help="With --all: the workspace.")
+@click.option("--spoke", default="", help="With --all: only on this spoke.")
+@click.option("--template", default="", help="With --all: only agents of this template.")
+@click.option("--older-than", "older_than", default="", metavar="DURATION",
+              help="With --all: only agents started at least this long ago (90s, 10m, 2h).")
+@click.option("--state", "states", multiple=True,
+              type=click.Choice(["PENDING", "RUNNING"], case_sensitive=False),
+              help="With --all: only agents in this state (default: PENDING and RUNNING).")
+@click.option("--dry-run", is_flag=True, help="With --all: list what would be killed.")
 @json_option
-def agent_kill(hub_addr: str, tok: str, agent_id: str, grace: float | None,
+def agent_kill(hub_addr: str, tok: str, agent_id: str | None, grace: float | None,
+               reason: str, kill_all: bool, workspace: str, spoke: str, template: str,
+               older_than: str, states: tuple[str, ...], dry_run: bool,
                as_json: bool) -> None:
-    """Kill an agent and everything it started; prints its final state."""
+    """Kill an agent and everything it started, or with --all every matching agent of a
+    workspace at once; prints each final state."""
     grace_ms = None if grace is None else int(grace * 1000)
-    a = agent_json(_with_hub(hub_addr, tok, lambda c: c.kill(agent_id, grace_ms)))
-    click.echo(json.dumps(a, indent=2) if as_json else _agent_text(a))
+    if not kill_all:
+        if agent_id is None or workspace or spoke or template or older_than or states \
+                or dry_run:
+            raise InvalidArgument("give one AGENT_ID, or --workspace W --all with filters")
+        a = agent_json(_with_hub(hub_addr, tok, lambda c: c.kill(agent_id, grace_ms, reason)))
+        click.echo(json.dumps(a, indent=2) if as_json else _agent_text(a))
+        return
+    if agent_id is not None or not workspace:
+        raise InvalidArgument("--all takes --workspace W and no AGENT_ID")
+    req = operator_pb2.KillAgentsRequest(
+        workspace=workspace, spoke=spoke, template=template,
+        older_than_ms=int(parse_duration(older_than) * 1000) if older_than else 0,
+        states=[f"AGENT_STATE_{s.upper()}" for s in states], dry_run=dry_run, reason=reason)
+    if grace_ms is not None:
+        req.grace_ms = grace_ms
+    resp = _with_hub(hub_addr, tok, lambda c: c.kill_many(req))
+    rows = [{**agent_json(r.agent), "error": r.error or None} for r in resp.results]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        verb = "would kill" if dry_run else "killed"
+        for r in rows:
+            click.echo(_agent_line(r) + (f"  ERROR: {r['error']}" if r["error"] else ""))
+        failed = sum(1 for r in rows if r["error"])
+        click.echo(f"{verb} {len(rows) - failed} agent(s)" + (f", {failed} refused" if failed
+                                                              else ""), err=True)
+    if any(r["error"] for r in rows):
+        sys.exit(1)
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '10m', '2h', '1d' (or plain seconds) as seconds."""
+    unit = text[-1:].lower()
+    number = text[:-1] if unit in _DURATION_UNITS else text
+    try:
+        value = float(number) * _DURATION_UNITS.get(unit, 1)
+    except ValueError:
+        raise InvalidArgument(f"'{text}' is not a duration; use e.g. 90s, 10m, 2h, 1d") from None
+    if value < 0:
+        raise InvalidArgument(f"duration '{text}' is negative")
+    return value
 
 
 @agent.command("logs")

@@ -58,12 +58,18 @@ class HubClient:
         req = operator_pb2.ListAgentsRequest(spoke=spoke, workspace=workspace, live=live)
         return await self._call("ListAgents", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
 
-    async def kill(self, agent_id: str, grace_ms: int | None = None) -> wire_pb2.Agent:
-        req = operator_pb2.KillAgentRequest(agent_id=agent_id)
+    async def kill(self, agent_id: str, grace_ms: int | None = None,
+                   reason: str = "") -> wire_pb2.Agent:
+        req = operator_pb2.KillAgentRequest(agent_id=agent_id, reason=reason)
         if grace_ms is not None:
             req.grace_ms = grace_ms
         timeout = CALL_TIMEOUT_SECONDS + (grace_ms or 0) / 1000
         return await self._call("KillAgent", req, timeout)  # type: ignore[return-value]
+
+    async def kill_many(self, req: operator_pb2.KillAgentsRequest
+                        ) -> operator_pb2.KillAgentsResponse:
+        timeout = CALL_TIMEOUT_SECONDS + (req.grace_ms if req.HasField("grace_ms") else 0) / 1000
+        return await self._call("KillAgents", req, timeout)  # type: ignore[return-value]
 
     async def create_token(self, principal: str, role: Role) -> operator_pb2.IssuedToken:
         req = operator_pb2.CreateTokenRequest(principal=principal, role=f"ROLE_{role.name}")

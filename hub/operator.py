@@ -126,13 +126,15 @@ class HubOperator:
                                              command)
         return await self._seen(known.spoke, response.agent)
 
-    async def kill(self, agent_id: str, grace_ms: int | None) -> wire_pb2.Agent:
+    async def kill(self, agent_id: str, grace_ms: int | None,
+                   reason: str = "") -> wire_pb2.Agent:
         # Operators may kill only what they spawned; the spoke decides that, since only
         # it knows the agent's principal for sure.
         require_role(current_scope().principal, Action.KILL)
         known = await self._known(agent_id)
         command = self._command(known.workspace)
         command.kill.agent_id = agent_id
+        command.kill.reason = reason
         if grace_ms is not None:
             command.kill.grace_ms = grace_ms
         message_id, signed = self._dispatch.seal(known.spoke, command)
@@ -142,6 +144,42 @@ class HubOperator:
         return await self._seen(known.spoke, response.agent, _done(
             "agent.kill", response.agent, known.spoke, message_id,
             f"{_state(response.agent)}: {response.agent.reason}"))
+
+    async def kill_many(self, req: operator_pb2.KillAgentsRequest
+                        ) -> operator_pb2.KillAgentsResponse:
+        """Kill every matching agent of the tenant in one workspace, concurrently."""
+        require_role(current_scope().principal, Action.KILL_MANY)
+        if not SLUG_RE.match(req.workspace):
+            raise InvalidArgument("name the workspace to kill in (--workspace)")
+        if req.older_than_ms < 0:
+            raise InvalidArgument("--older-than must not be negative")
+        states = {wire_pb2.AgentState.Name(s).removeprefix("AGENT_STATE_")
+                  for s in req.states} or {"PENDING", "RUNNING"}
+        cutoff = now_ms() - req.older_than_ms
+        spokes = await self._spokes()
+        targets = []
+        for row in await self.registry.visible(spoke=req.spoke, workspace=req.workspace):
+            agent = known_agent(row)
+            began = agent.started_at_ms or agent.created_at_ms or row.updated_at_ms
+            if (row.state in states and (not req.template or row.template == req.template)
+                    and (not req.older_than_ms or began <= cutoff)):
+                targets.append(self._marked(agent, spokes))
+        if req.dry_run:
+            return operator_pb2.KillAgentsResponse(results=[
+                operator_pb2.KillResult(agent=a) for a in targets])
+        grace = req.grace_ms if req.HasField("grace_ms") else None
+        outcomes = await asyncio.gather(
+            *(self.kill(a.agent_id, grace, req.reason) for a in targets),
+            return_exceptions=True)
+        results = []
+        for target, outcome in zip(targets, outcomes, strict=True):
+            if isinstance(outcome, FleetwireError):
+                results.append(operator_pb2.KillResult(agent=target, error=outcome.message))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results.append(operator_pb2.KillResult(agent=outcome))
+        return operator_pb2.KillAgentsResponse(results=results)
 
     async def list_agents(
         self, req: operator_pb2.ListAgentsRequest

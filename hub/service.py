@@ -101,7 +101,12 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     async def KillAgent(self, request: operator_pb2.KillAgentRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> wire_pb2.Agent:
         grace = request.grace_ms if request.HasField("grace_ms") else None
-        return await self._operator.kill(request.agent_id, grace)
+        return await self._operator.kill(request.agent_id, grace, request.reason)
+
+    @_authorized("agent.kill_many")
+    async def KillAgents(self, request: operator_pb2.KillAgentsRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> operator_pb2.KillAgentsResponse:
+        return await self._operator.kill_many(request)
 
     @_authorized("token.create")
     async def CreateToken(self, request: operator_pb2.CreateTokenRequest,  # noqa: N802

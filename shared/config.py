@@ -83,6 +83,8 @@ class SpokeConfig:
     max_grace_seconds: int = 300
     # How often the spoke tells its hubs it is alive (and retries reports at the latest).
     heartbeat_seconds: float = 5.0
+    # Most agents running at once on this spoke, all tenants together; 0: no limit.
+    max_agents: int = 0
     # Environment variables agents inherit from the spoke; everything else is dropped.
     pass_env: tuple[str, ...] = ("PATH", "LANG", "LC_ALL", "TZ")
 
@@ -192,12 +194,21 @@ def _template(name: str, data: Any) -> TemplateConfig:
     return tpl
 
 
+# Limits where 0 means "no limit".
+_ZERO_IS_UNLIMITED = frozenset({"max_agents"})
+
+
 def _check_positive(sections: dict[str, Any]) -> None:
     """Durations, counts and sizes must be positive: a zero skew would refuse everything."""
     for section, value in sections.items():
         for f in fields(value):
             v = getattr(value, f.name)
-            if isinstance(v, int | float) and not isinstance(v, bool) and v <= 0:
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                continue
+            if f.name in _ZERO_IS_UNLIMITED:
+                if v < 0:
+                    raise InvalidArgument(f"{section}.{f.name}: must be 0 (no limit) or more")
+            elif v <= 0:
                 raise InvalidArgument(f"{section}.{f.name}: must be greater than 0")
 
 
@@ -276,6 +287,8 @@ workspaces_dir = "workspaces"
 max_grace_seconds = 300
 # Heartbeats to the hubs this spoke knows with an address (`peer add --address`).
 heartbeat_seconds = 5
+# Most agents running at once on this spoke, all tenants together (0: no limit).
+max_agents = 0
 pass_env = ["PATH", "LANG", "LC_ALL", "TZ"]
 
 # Agent templates. argv items are passed as separate arguments, never through a shell.

@@ -48,6 +48,7 @@ class Action(enum.Enum):
     STATUS = "status"
     LIST = "list"
     KILL = "kill"
+    KILL_MANY = "kill many agents at once in"
     # Manage the tenant itself: tokens on the hub, workspaces on spokes.
     MANAGE = "manage tokens and workspaces of"
 
@@ -59,6 +60,7 @@ _MIN_ROLE = {
     Action.LIST: Role.VIEWER,
     Action.SPAWN: Role.OPERATOR,
     Action.KILL: Role.OPERATOR,
+    Action.KILL_MANY: Role.ADMIN,
     Action.MANAGE: Role.ADMIN,
 }
 

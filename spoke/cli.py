@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.cli import audited, emit, home_option, json_option, run_daemon, with_session
+from shared.cli import (
+    audited,
+    emit,
+    home_option,
+    json_option,
+    local_principal,
+    run_daemon,
+    with_session,
+)
+from shared.config import load_config
+from shared.db import models
+from shared.errors import Unavailable
 from shared.scope import Role
 from spoke.daemon import run_spoke
+from spoke.drain import lift_drain, request_drain
 from spoke.grants import add_grant, list_grants, revoke_grant
+from spoke.store import LIVE_STATES
 
 
 @click.group()
@@ -72,6 +88,47 @@ def spoke() -> None:
 def spoke_run(home: Path, listen: str | None) -> None:
     """Run the spoke daemon until SIGTERM or SIGINT (agents keep running)."""
     run_daemon(home, lambda cfg: run_spoke(cfg, listen or cfg.spoke.listen))
+
+
+@spoke.command("drain")
+@home_option
+@click.option("--reason", default="", help="Why; kept in every agent's history.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Seconds to wait for the running daemon to finish killing.")
+def spoke_drain(home: Path, reason: str, timeout: float) -> None:
+    """Emergency stop: the spoke takes no more spawns and kills every agent it runs."""
+    cfg = load_config(home)
+    with_session(home, _nothing, audited("spoke.drain", reason=reason))
+    request_drain(cfg, reason=reason, by=local_principal())
+    deadline = time.monotonic() + timeout
+    while (left := with_session(home, _live_count)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        raise Unavailable(f"{left} agent(s) still live after {timeout:g} s; is `fleetwire "
+                          "spoke run` running for this home? The drain stays requested.")
+    click.echo(f"spoke '{cfg.name}' drained: no agent is running; it takes no spawns until "
+               "`fleetwire spoke resume`")
+
+
+@spoke.command("resume")
+@home_option
+def spoke_resume(home: Path) -> None:
+    """Take spawns again after a drain."""
+    cfg = load_config(home)
+    with_session(home, _nothing, audited("spoke.resume"))
+    lifted = lift_drain(cfg)
+    click.echo(f"spoke '{cfg.name}' " + ("takes spawns again" if lifted else
+                                         "was not draining"))
+
+
+async def _nothing(_: AsyncSession, __: object) -> None:
+    """A transaction that only carries an audit record."""
+
+
+async def _live_count(session: AsyncSession, _: object) -> int:
+    rows = (await session.execute(select(models.Agent.agent_id).where(
+        models.Agent.state.in_(sorted(LIVE_STATES))))).all()
+    return len(rows)
 
 
 def register(root: click.Group) -> None:

@@ -8,6 +8,7 @@ may not see answers NOT_FOUND exactly like what does not exist.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from shared.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     not_found_agent,
     not_found_tenant,
     not_found_workspace,
@@ -44,6 +46,8 @@ from shared.scope import (
 )
 from shared.tenancy import create_workspace, workspace_exists
 from spoke import procfs
+from spoke.drain import WATCH_SECONDS as DRAIN_WATCH_SECONDS
+from spoke.drain import drain_reason
 from spoke.grants import tenant_grant
 from spoke.logs import read_tail
 from spoke.store import FINAL_STATES, AgentLedger, ScopedAgents, to_wire
@@ -52,7 +56,9 @@ from spoke.templates import MAX_TASK_CHARS, check_text, describe_templates, rend
 
 log = logging.getLogger(__name__)
 
-AGENT_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+AGENT_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
+MAX_REASON_CHARS = 500
+DRAIN_RETRY_AFTER_MS = 60_000
 _ACTIONS = {"spawn": Action.SPAWN, "get": Action.STATUS, "logs": Action.STATUS,
             "list": Action.LIST, "kill": Action.KILL, "create_workspace": Action.MANAGE}
 _ON_AGENT = frozenset({"get", "logs", "kill"})
@@ -171,6 +177,11 @@ class SpokeCommands:
 
     async def _spawn(self, req: wire_pb2.SpawnAgent, message_id: str) -> wire_pb2.Agent:
         scope = current_scope()
+        draining = drain_reason(self._cfg)
+        if draining is not None:
+            raise ResourceExhausted(
+                f"spoke '{self._cfg.name}' is draining and takes no new agents "
+                f"({draining}); use another spoke", retry_after_ms=DRAIN_RETRY_AFTER_MS)
         template = self._cfg.templates.get(req.template)
         if template is None:
             raise InvalidArgument(
@@ -211,7 +222,8 @@ class SpokeCommands:
                 action="agent.spawn", outcome=ALLOWED, tenant=scope.tenant,
                 workspace=scope.workspace, principal=scope.principal.name, peer=scope.peer,
                 target=req.agent_id, message_id=message_id,
-                reason=f"template {template.name}"), template.max_concurrent or None)
+                reason=f"template {template.name}"), template.max_concurrent or None,
+            self._cfg.spoke.max_agents or None)
         spec = LaunchSpec(agent_id=req.agent_id, argv=argv, workdir=workdir,
                           log_path=log_path, env=env,
                           max_runtime_seconds=template.max_runtime_seconds,
@@ -254,8 +266,10 @@ class SpokeCommands:
                 f"grace of {grace_ms / 1000:g} s exceeds this spoke's max_grace_seconds "
                 f"({self._cfg.spoke.max_grace_seconds}); ask for less"
             )
+        check_text("kill reason", req.reason, MAX_REASON_CHARS)
         if agent.state not in FINAL_STATES:
-            reason = f"killed by {principal.name} via {current_scope().peer}"
+            reason = f"killed by {principal.name} via {current_scope().peer}" + (
+                f": {req.reason}" if req.reason else "")
             if self.supervisor.is_supervised(agent.agent_id):
                 await self.supervisor.kill(agent.agent_id, grace_ms / 1000, reason,
                                            by=principal.name, message_id=message_id)
@@ -267,6 +281,32 @@ class SpokeCommands:
         killed = await self.agents.get(agent.agent_id)
         assert killed is not None
         return to_wire(killed)
+
+    async def drain(self, reason: str) -> int:
+        """Kill every live agent of this spoke at once; returns how many were live."""
+        live = await self.ledger.live()
+
+        async def stop(agent: models.Agent) -> None:
+            why = f"spoke drained: {reason}" if reason else "spoke drained"
+            if self.supervisor.is_supervised(agent.agent_id):
+                await self.supervisor.kill(agent.agent_id, agent.grace_ms / 1000, why,
+                                           by="local:drain")
+            else:
+                await self.ledger.ended(agent.agent_id, "LOST", None,
+                                        "the process was gone when the spoke drained",
+                                        by="local:drain")
+
+        await asyncio.gather(*(stop(a) for a in live))
+        return len(live)
+
+    async def watch_drain(self) -> None:
+        """Drain whenever the flag file appears (checked a few times a second)."""
+        while True:
+            reason = drain_reason(self._cfg)
+            if reason is not None and await self.ledger.live():
+                log.warning("draining: killing every agent (%s)", reason or "no reason given")
+                await self.drain(reason)
+            await asyncio.sleep(DRAIN_WATCH_SECONDS)
 
     async def _record_ending(self, agent_id: str, ending: Ending) -> None:
         await self.ledger.ended(agent_id, ending.state, ending.exit_code, ending.reason,

@@ -37,11 +37,13 @@ async def run_spoke(cfg: Config, listen: str) -> None:
     announce("spoke", cfg, listen.rpartition(":")[0], port)
     reporter = StatusReporter(cfg, identity, DbKeyring(sessions), sessions, trail)
     reporting = asyncio.create_task(reporter.run(), name="status-reporter")
+    draining = asyncio.create_task(commands.watch_drain(), name="drain-watch")
 
     async def on_stop() -> None:
         # Agents keep running; a restarted spoke finds them by pid and start time, and
         # what the outbox holds is sent after the restart.
         reporting.cancel()
+        draining.cancel()
         await reporter.close()
         commands.supervisor.detach()
         await engine.dispose()

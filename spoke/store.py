@@ -78,13 +78,13 @@ class ScopedAgents:
             return await session.get(models.Agent, agent_id) is not None
 
     async def create(self, agent: models.Agent, entry: AuditEntry,
-                     template_limit: int | None) -> None:
+                     template_limit: int | None, spoke_limit: int | None) -> None:
         """Insert a PENDING agent unless its workspace or template is at its quota."""
         scope = current_scope()
         if agent.tenant != scope.tenant or not scope.sees_workspace(agent.workspace):
             raise RuntimeError("refusing to create an agent outside the active scope")
         async with self._trail.transaction() as session:
-            await _check_quota(session, agent, template_limit)
+            await _check_quota(session, agent, template_limit, spoke_limit)
             session.add(agent)
             enqueue_report(session, agent)
             await append_audit(session, entry)
@@ -92,7 +92,7 @@ class ScopedAgents:
 
 
 async def _check_quota(session: AsyncSession, agent: models.Agent,
-                       template_limit: int | None) -> None:
+                       template_limit: int | None, spoke_limit: int | None) -> None:
     live = models.Agent.state.in_(sorted(LIVE_STATES))
     in_ws = (models.Agent.tenant == agent.tenant) & (models.Agent.workspace == agent.workspace)
     ws_limit = (await session.execute(
@@ -100,7 +100,8 @@ async def _check_quota(session: AsyncSession, agent: models.Agent,
         .join(models.Tenant, models.Tenant.id == models.Workspace.tenant_id)
         .where(models.Tenant.slug == agent.tenant,
                models.Workspace.slug == agent.workspace))).scalar_one_or_none()
-    checks = [(ws_limit, in_ws, f"workspace '{agent.workspace}'"),
+    checks = [(spoke_limit, models.Agent.agent_id.is_not(None), "this spoke"),
+              (ws_limit, in_ws, f"workspace '{agent.workspace}'"),
               (template_limit, in_ws & (models.Agent.template == agent.template),
                f"template '{agent.template}' in workspace '{agent.workspace}'")]
     for limit, where, what in checks:
@@ -109,9 +110,11 @@ async def _check_quota(session: AsyncSession, agent: models.Agent,
         running = (await session.execute(
             select(func.count()).select_from(models.Agent).where(where, live))).scalar_one()
         if running >= limit:
-            raise ResourceExhausted(
-                f"{what} already runs {running} of at most {limit} agents; retry when one "
-                "ends, or kill one", retry_after_ms=QUOTA_RETRY_AFTER_MS)
+            # The spoke-wide count spans tenants: say it is full, never how full.
+            detail = (f"is at its capacity ({limit} agents)" if what == "this spoke"
+                      else f"already runs {running} of at most {limit} agents")
+            raise ResourceExhausted(f"{what} {detail}; retry when one ends, or use "
+                                    "another spoke", retry_after_ms=QUOTA_RETRY_AFTER_MS)
 
 
 class AgentLedger:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shared.pb.v1 import wire_pb2 as shared_dot_pb_dot_v1_dot_wire__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshared/pb/v1/operator.proto\x12\x0c\x66leetwire.v1\x1a\x17shared/pb/v1/wire.proto\"\xc1\x01\n\x11SpawnAgentRequest\x12\r\n\x05spoke\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12;\n\x06params\x18\x05 \x03(\x0b\x32+.fleetwire.v1.SpawnAgentRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04live\x18\x02 \x01(\x08\"C\n\x11ListAgentsRequest\x12\r\n\x05spoke\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\"U\n\x12ListAgentsResponse\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.fleetwire.v1.Agent\x12\x1a\n\x12unreachable_spokes\x18\x02 \x03(\t\"H\n\x10KillAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\x08grace_ms\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_grace_ms\"I\n\x12\x43reateTokenRequest\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.fleetwire.v1.Role\"\x90\x01\n\x0bIssuedToken\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12 \n\x04role\x18\x05 \x01(\x0e\x32\x12.fleetwire.v1.Role\x12\x0f\n\x07retired\x18\x06 \x03(\x03\x12\x10\n\x08replaces\x18\x07 \x01(\x03\"\x13\n\x11ListTokensRequest\"\xb1\x01\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12 \n\x04role\x18\x04 \x01(\x0e\x32\x12.fleetwire.v1.Role\x12\x15\n\rcreated_at_ms\x18\x05 \x01(\x03\x12\r\n\x05state\x18\x06 \x01(\t\x12\x15\n\rexpires_at_ms\x18\x07 \x01(\x03\x12\x16\n\x0ereplaced_by_id\x18\x08 \x01(\x03\"=\n\x12ListTokensResponse\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.fleetwire.v1.TokenInfo\"5\n\x12RotateTokenRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x13\n\x0bgrace_hours\x18\x02 \x01(\r\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"\x15\n\x13RevokeTokenResponse\"N\n\x16\x43reateWorkspaceRequest\x12\r\n\x05spoke\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x12\n\nmax_agents\x18\x03 \x01(\r\"\'\n\x12WatchAgentsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"6\n\x0eGetLogsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\r\"\x13\n\x11ListSpokesRequest\"\xd0\x01\n\tSpokeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x19\n\x11last_heartbeat_ms\x18\x04 \x01(\x03\x12\x43\n\x0f\x61gents_by_state\x18\x05 \x03(\x0b\x32*.fleetwire.v1.SpokeInfo.AgentsByStateEntry\x1a\x34\n\x12\x41gentsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"=\n\x12ListSpokesResponse\x12\'\n\x06spokes\x18\x01 \x03(\x0b\x32\x17.fleetwire.v1.SpokeInfo2\x92\x07\n\x0fOperatorService\x12\x42\n\nSpawnAgent\x12\x1f.fleetwire.v1.SpawnAgentRequest\x1a\x13.fleetwire.v1.Agent\x12>\n\x08GetAgent\x12\x1d.fleetwire.v1.GetAgentRequest\x1a\x13.fleetwire.v1.Agent\x12O\n\nListAgents\x12\x1f.fleetwire.v1.ListAgentsRequest\x1a .fleetwire.v1.ListAgentsResponse\x12@\n\tKillAgent\x12\x1e.fleetwire.v1.KillAgentRequest\x1a\x13.fleetwire.v1.Agent\x12J\n\x0b\x43reateToken\x12 .fleetwire.v1.CreateTokenRequest\x1a\x19.fleetwire.v1.IssuedToken\x12O\n\nListTokens\x12\x1f.fleetwire.v1.ListTokensRequest\x1a .fleetwire.v1.ListTokensResponse\x12J\n\x0bRotateToken\x12 .fleetwire.v1.RotateTokenRequest\x1a\x19.fleetwire.v1.IssuedToken\x12R\n\x0bRevokeToken\x12 .fleetwire.v1.RevokeTokenRequest\x1a!.fleetwire.v1.RevokeTokenResponse\x12P\n\x0f\x43reateWorkspace\x12$.fleetwire.v1.CreateWorkspaceRequest\x1a\x17.fleetwire.v1.Workspace\x12\x46\n\x0bWatchAgents\x12 .fleetwire.v1.WatchAgentsRequest\x1a\x13.fleetwire.v1.Agent0\x01\x12@\n\x07GetLogs\x12\x1c.fleetwire.v1.GetLogsRequest\x1a\x17.fleetwire.v1.AgentLogs\x12O\n\nListSpokes\x12\x1f.fleetwire.v1.ListSpokesRequest\x1a .fleetwire.v1.ListSpokesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshared/pb/v1/operator.proto\x12\x0c\x66leetwire.v1\x1a\x17shared/pb/v1/wire.proto\"\xc1\x01\n\x11SpawnAgentRequest\x12\r\n\x05spoke\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12;\n\x06params\x18\x05 \x03(\x0b\x32+.fleetwire.v1.SpawnAgentRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04live\x18\x02 \x01(\x08\"C\n\x11ListAgentsRequest\x12\r\n\x05spoke\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\"U\n\x12ListAgentsResponse\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.fleetwire.v1.Agent\x12\x1a\n\x12unreachable_spokes\x18\x02 \x03(\t\"X\n\x10KillAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\x08grace_ms\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x03 \x01(\tB\x0b\n\t_grace_ms\"\xcd\x01\n\x11KillAgentsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\x12\r\n\x05spoke\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12\x15\n\rolder_than_ms\x18\x04 \x01(\x03\x12(\n\x06states\x18\x05 \x03(\x0e\x32\x18.fleetwire.v1.AgentState\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x15\n\x08grace_ms\x18\x08 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_grace_ms\"?\n\nKillResult\x12\"\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x13.fleetwire.v1.Agent\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"?\n\x12KillAgentsResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.fleetwire.v1.KillResult\"I\n\x12\x43reateTokenRequest\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.fleetwire.v1.Role\"\x90\x01\n\x0bIssuedToken\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12 \n\x04role\x18\x05 \x01(\x0e\x32\x12.fleetwire.v1.Role\x12\x0f\n\x07retired\x18\x06 \x03(\x03\x12\x10\n\x08replaces\x18\x07 \x01(\x03\"\x13\n\x11ListTokensRequest\"\xb1\x01\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12 \n\x04role\x18\x04 \x01(\x0e\x32\x12.fleetwire.v1.Role\x12\x15\n\rcreated_at_ms\x18\x05 \x01(\x03\x12\r\n\x05state\x18\x06 \x01(\t\x12\x15\n\rexpires_at_ms\x18\x07 \x01(\x03\x12\x16\n\x0ereplaced_by_id\x18\x08 \x01(\x03\"=\n\x12ListTokensResponse\x12\'\n\x06tokens\x18\x01 \x03(\x0b\x32\x17.fleetwire.v1.TokenInfo\"5\n\x12RotateTokenRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x13\n\x0bgrace_hours\x18\x02 \x01(\r\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"\x15\n\x13RevokeTokenResponse\"N\n\x16\x43reateWorkspaceRequest\x12\r\n\x05spoke\x18\x01 \x01(\t\x12\x11\n\tworkspace\x18\x02 \x01(\t\x12\x12\n\nmax_agents\x18\x03 \x01(\r\"\'\n\x12WatchAgentsRequest\x12\x11\n\tworkspace\x18\x01 \x01(\t\"6\n\x0eGetLogsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\r\"\x13\n\x11ListSpokesRequest\"\xd0\x01\n\tSpokeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x19\n\x11last_heartbeat_ms\x18\x04 \x01(\x03\x12\x43\n\x0f\x61gents_by_state\x18\x05 \x03(\x0b\x32*.fleetwire.v1.SpokeInfo.AgentsByStateEntry\x1a\x34\n\x12\x41gentsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"=\n\x12ListSpokesResponse\x12\'\n\x06spokes\x18\x01 \x03(\x0b\x32\x17.fleetwire.v1.SpokeInfo2\xe3\x07\n\x0fOperatorService\x12\x42\n\nSpawnAgent\x12\x1f.fleetwire.v1.SpawnAgentRequest\x1a\x13.fleetwire.v1.Agent\x12>\n\x08GetAgent\x12\x1d.fleetwire.v1.GetAgentRequest\x1a\x13.fleetwire.v1.Agent\x12O\n\nListAgents\x12\x1f.fleetwire.v1.ListAgentsRequest\x1a .fleetwire.v1.ListAgentsResponse\x12@\n\tKillAgent\x12\x1e.fleetwire.v1.KillAgentRequest\x1a\x13.fleetwire.v1.Agent\x12O\n\nKillAgents\x12\x1f.fleetwire.v1.KillAgentsRequest\x1a .fleetwire.v1.KillAgentsResponse\x12J\n\x0b\x43reateToken\x12 .fleetwire.v1.CreateTokenRequest\x1a\x19.fleetwire.v1.IssuedToken\x12O\n\nListTokens\x12\x1f.fleetwire.v1.ListTokensRequest\x1a .fleetwire.v1.ListTokensResponse\x12J\n\x0bRotateToken\x12 .fleetwire.v1.RotateTokenRequest\x1a\x19.fleetwire.v1.IssuedToken\x12R\n\x0bRevokeToken\x12 .fleetwire.v1.RevokeTokenRequest\x1a!.fleetwire.v1.RevokeTokenResponse\x12P\n\x0f\x43reateWorkspace\x12$.fleetwire.v1.CreateWorkspaceRequest\x1a\x17.fleetwire.v1.Workspace\x12\x46\n\x0bWatchAgents\x12 .fleetwire.v1.WatchAgentsRequest\x1a\x13.fleetwire.v1.Agent0\x01\x12@\n\x07GetLogs\x12\x1c.fleetwire.v1.GetLogsRequest\x1a\x17.fleetwire.v1.AgentLogs\x12O\n\nListSpokes\x12\x1f.fleetwire.v1.ListSpokesRequest\x1a .fleetwire.v1.ListSpokesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,37 +47,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTAGENTSRESPONSE']._serialized_start=386
   _globals['_LISTAGENTSRESPONSE']._serialized_end=471
   _globals['_KILLAGENTREQUEST']._serialized_start=473
-  _globals['_KILLAGENTREQUEST']._serialized_end=545
-  _globals['_CREATETOKENREQUEST']._serialized_start=547
-  _globals['_CREATETOKENREQUEST']._serialized_end=620
-  _globals['_ISSUEDTOKEN']._serialized_start=623
-  _globals['_ISSUEDTOKEN']._serialized_end=767
-  _globals['_LISTTOKENSREQUEST']._serialized_start=769
-  _globals['_LISTTOKENSREQUEST']._serialized_end=788
-  _globals['_TOKENINFO']._serialized_start=791
-  _globals['_TOKENINFO']._serialized_end=968
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=970
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=1031
-  _globals['_ROTATETOKENREQUEST']._serialized_start=1033
-  _globals['_ROTATETOKENREQUEST']._serialized_end=1086
-  _globals['_REVOKETOKENREQUEST']._serialized_start=1088
-  _globals['_REVOKETOKENREQUEST']._serialized_end=1120
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=1122
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=1143
-  _globals['_CREATEWORKSPACEREQUEST']._serialized_start=1145
-  _globals['_CREATEWORKSPACEREQUEST']._serialized_end=1223
-  _globals['_WATCHAGENTSREQUEST']._serialized_start=1225
-  _globals['_WATCHAGENTSREQUEST']._serialized_end=1264
-  _globals['_GETLOGSREQUEST']._serialized_start=1266
-  _globals['_GETLOGSREQUEST']._serialized_end=1320
-  _globals['_LISTSPOKESREQUEST']._serialized_start=1322
-  _globals['_LISTSPOKESREQUEST']._serialized_end=1341
-  _globals['_SPOKEINFO']._serialized_start=1344
-  _globals['_SPOKEINFO']._serialized_end=1552
-  _globals['_SPOKEINFO_AGENTSBYSTATEENTRY']._serialized_start=1500
-  _globals['_SPOKEINFO_AGENTSBYSTATEENTRY']._serialized_end=1552
-  _globals['_LISTSPOKESRESPONSE']._serialized_start=1554
-  _globals['_LISTSPOKESRESPONSE']._serialized_end=1615
-  _globals['_OPERATORSERVICE']._serialized_start=1618
-  _globals['_OPERATORSERVICE']._serialized_end=2532
+  _globals['_KILLAGENTREQUEST']._serialized_end=561
+  _globals['_KILLAGENTSREQUEST']._serialized_start=564
+  _globals['_KILLAGENTSREQUEST']._serialized_end=769
+  _globals['_KILLRESULT']._serialized_start=771
+  _globals['_KILLRESULT']._serialized_end=834
+  _globals['_KILLAGENTSRESPONSE']._serialized_start=836
+  _globals['_KILLAGENTSRESPONSE']._serialized_end=899
+  _globals['_CREATETOKENREQUEST']._serialized_start=901
+  _globals['_CREATETOKENREQUEST']._serialized_end=974
+  _globals['_ISSUEDTOKEN']._serialized_start=977
+  _globals['_ISSUEDTOKEN']._serialized_end=1121
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1123
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1142
+  _globals['_TOKENINFO']._serialized_start=1145
+  _globals['_TOKENINFO']._serialized_end=1322
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1324
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1385
+  _globals['_ROTATETOKENREQUEST']._serialized_start=1387
+  _globals['_ROTATETOKENREQUEST']._serialized_end=1440
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1442
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1474
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=1476
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=1497
+  _globals['_CREATEWORKSPACEREQUEST']._serialized_start=1499
+  _globals['_CREATEWORKSPACEREQUEST']._serialized_end=1577
+  _globals['_WATCHAGENTSREQUEST']._serialized_start=1579
+  _globals['_WATCHAGENTSREQUEST']._serialized_end=1618
+  _globals['_GETLOGSREQUEST']._serialized_start=1620
+  _globals['_GETLOGSREQUEST']._serialized_end=1674
+  _globals['_LISTSPOKESREQUEST']._serialized_start=1676
+  _globals['_LISTSPOKESREQUEST']._serialized_end=1695
+  _globals['_SPOKEINFO']._serialized_start=1698
+  _globals['_SPOKEINFO']._serialized_end=1906
+  _globals['_SPOKEINFO_AGENTSBYSTATEENTRY']._serialized_start=1854
+  _globals['_SPOKEINFO_AGENTSBYSTATEENTRY']._serialized_end=1906
+  _globals['_LISTSPOKESRESPONSE']._serialized_start=1908
+  _globals['_LISTSPOKESRESPONSE']._serialized_end=1969
+  _globals['_OPERATORSERVICE']._serialized_start=1972
+  _globals['_OPERATORSERVICE']._serialized_end=2967
 # @@protoc_insertion_point(module_scope)

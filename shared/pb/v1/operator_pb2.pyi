@@ -55,12 +55,48 @@ class ListAgentsResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[_wire_pb2.Agent, _Mapping]]] = ..., unreachable_spokes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KillAgentRequest(_message.Message):
-    __slots__ = ("agent_id", "grace_ms")
+    __slots__ = ("agent_id", "grace_ms", "reason")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     GRACE_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     grace_ms: int
-    def __init__(self, agent_id: _Optional[str] = ..., grace_ms: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, agent_id: _Optional[str] = ..., grace_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class KillAgentsRequest(_message.Message):
+    __slots__ = ("workspace", "spoke", "template", "older_than_ms", "states", "dry_run", "reason", "grace_ms")
+    WORKSPACE_FIELD_NUMBER: _ClassVar[int]
+    SPOKE_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    OLDER_THAN_MS_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GRACE_MS_FIELD_NUMBER: _ClassVar[int]
+    workspace: str
+    spoke: str
+    template: str
+    older_than_ms: int
+    states: _containers.RepeatedScalarFieldContainer[_wire_pb2.AgentState]
+    dry_run: bool
+    reason: str
+    grace_ms: int
+    def __init__(self, workspace: _Optional[str] = ..., spoke: _Optional[str] = ..., template: _Optional[str] = ..., older_than_ms: _Optional[int] = ..., states: _Optional[_Iterable[_Union[_wire_pb2.AgentState, str]]] = ..., dry_run: _Optional[bool] = ..., reason: _Optional[str] = ..., grace_ms: _Optional[int] = ...) -> None: ...
+
+class KillResult(_message.Message):
+    __slots__ = ("agent", "error")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    agent: _wire_pb2.Agent
+    error: str
+    def __init__(self, agent: _Optional[_Union[_wire_pb2.Agent, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class KillAgentsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[KillResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[KillResult, _Mapping]]] = ...) -> None: ...
 
 class CreateTokenRequest(_message.Message):
     __slots__ = ("principal", "role")

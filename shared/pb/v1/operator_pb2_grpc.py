@@ -55,6 +55,11 @@ class OperatorServiceStub:
                 request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentRequest.SerializeToString,
                 response_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.Agent.FromString,
                 _registered_method=True)
+        self.KillAgents = channel.unary_unary(
+                '/fleetwire.v1.OperatorService/KillAgents',
+                request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentsRequest.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentsResponse.FromString,
+                _registered_method=True)
         self.CreateToken = channel.unary_unary(
                 '/fleetwire.v1.OperatorService/CreateToken',
                 request_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.CreateTokenRequest.SerializeToString,
@@ -119,6 +124,12 @@ class OperatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def KillAgent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KillAgents(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -195,6 +206,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.KillAgent,
                     request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentRequest.FromString,
                     response_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.Agent.SerializeToString,
+            ),
+            'KillAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.KillAgents,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentsRequest.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentsResponse.SerializeToString,
             ),
             'CreateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateToken,
@@ -345,6 +361,33 @@ class OperatorService:
             '/fleetwire.v1.OperatorService/KillAgent',
             shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentRequest.SerializeToString,
             shared_dot_pb_dot_v1_dot_wire__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KillAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwire.v1.OperatorService/KillAgents',
+            shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentsRequest.SerializeToString,
+            shared_dot_pb_dot_v1_dot_operator__pb2.KillAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

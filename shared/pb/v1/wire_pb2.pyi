@@ -212,12 +212,14 @@ class ListAgents(_message.Message):
     def __init__(self) -> None: ...
 
 class KillAgent(_message.Message):
-    __slots__ = ("agent_id", "grace_ms")
+    __slots__ = ("agent_id", "grace_ms", "reason")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     GRACE_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     grace_ms: int
-    def __init__(self, agent_id: _Optional[str] = ..., grace_ms: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, agent_id: _Optional[str] = ..., grace_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("agent_id", "spoke", "tenant", "workspace", "template", "task", "principal", "state", "exit_code", "created_at_ms", "started_at_ms", "ended_at_ms", "reason", "stale", "reported_at_ms", "seq")
