@@ -7,7 +7,6 @@ reason, never later in a request.
 from __future__ import annotations
 
 import re
-import sys
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -85,6 +84,14 @@ class SpokeConfig:
     heartbeat_seconds: float = 5.0
     # Most agents running at once on this spoke, all tenants together; 0: no limit.
     max_agents: int = 0
+    # Caps no template may exceed, and the limits of templates that set none; 0: none.
+    cap_memory_mb: int = 0
+    cap_cpu_seconds: int = 0
+    cap_open_files: int = 0
+    cap_processes: int = 0
+    cap_log_mb: int = 0
+    # Use cgroups where this machine allows; false: the watchdog alone (see README).
+    use_cgroups: bool = True
     # Environment variables agents inherit from the spoke; everything else is dropped.
     pass_env: tuple[str, ...] = ("PATH", "LANG", "LC_ALL", "TZ")
 
@@ -100,6 +107,12 @@ class TemplateConfig:
     max_runtime_seconds: float = 3600.0
     # Most agents of this template running at once in one workspace; 0: no limit.
     max_concurrent: int = 0
+    # Limits of each agent's whole process tree (see spoke/limits.py); 0: the spoke's cap.
+    max_memory_mb: int = 0
+    max_cpu_seconds: int = 0
+    max_open_files: int = 0
+    max_processes: int = 0
+    max_log_mb: int = 0
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -188,14 +201,18 @@ def _template(name: str, data: Any) -> TemplateConfig:
                                  params=dict(params), env=dict(env))
     for key, ok, rule in (("grace_seconds", tpl.grace_seconds >= 0, ">= 0"),
                           ("max_runtime_seconds", tpl.max_runtime_seconds > 0, "> 0"),
-                          ("max_concurrent", tpl.max_concurrent >= 0, ">= 0")):
+                          ("max_concurrent", tpl.max_concurrent >= 0, ">= 0"),
+                          *((f"max_{n}", getattr(tpl, f"max_{n}") >= 0, ">= 0")
+                            for n in LIMITS)):
         if not ok:
             raise InvalidArgument(f"{where}.{key} must be {rule}")
     return tpl
 
 
 # Limits where 0 means "no limit".
-_ZERO_IS_UNLIMITED = frozenset({"max_agents"})
+_ZERO_IS_UNLIMITED = frozenset({"max_agents", "cap_memory_mb", "cap_cpu_seconds",
+                                "cap_open_files", "cap_processes", "cap_log_mb"})
+LIMITS = ("memory_mb", "cpu_seconds", "open_files", "processes", "log_mb")
 
 
 def _check_positive(sections: dict[str, Any]) -> None:
@@ -252,6 +269,12 @@ def load_config(home: Path) -> Config:
     except InvalidArgument as exc:
         raise InvalidArgument(f"{path}: {exc.message}") from None
     cfg = Config(home=home, name=name, templates=templates, **built)
+    for tpl in templates.values():
+        for n in LIMITS:
+            own, cap = getattr(tpl, f"max_{n}"), getattr(cfg.spoke, f"cap_{n}")
+            if cap and own > cap:
+                raise InvalidArgument(f"{path}: templates.{tpl.name}.max_{n} = {own} exceeds "
+                                      f"spoke.cap_{n} = {cap}")
     if cfg.wire.message_retention_seconds <= 2 * cfg.wire.max_clock_skew_seconds:
         raise InvalidArgument(
             f"{path}: wire.message_retention_seconds must exceed twice max_clock_skew_seconds"
@@ -289,6 +312,16 @@ max_grace_seconds = 300
 heartbeat_seconds = 5
 # Most agents running at once on this spoke, all tenants together (0: no limit).
 max_agents = 0
+# Caps for every agent's process tree that no template may exceed (0: none). A template
+# sets its own with max_memory_mb, max_cpu_seconds, max_open_files, max_processes and
+# max_log_mb. See the README for how each is enforced on this machine.
+cap_memory_mb = 0
+cap_cpu_seconds = 0
+cap_open_files = 0
+cap_processes = 0
+cap_log_mb = 0
+# Let the kernel enforce memory and process limits through cgroups where it can.
+use_cgroups = true
 pass_env = ["PATH", "LANG", "LC_ALL", "TZ"]
 
 # Agent templates. argv items are passed as separate arguments, never through a shell.
@@ -307,5 +340,7 @@ max_concurrent = 0
 '''
 
 
-def python_executable() -> str:
-    return sys.executable
+def effective_limit(template: TemplateConfig, spoke: SpokeConfig, name: str) -> int:
+    """A template's limit, or the spoke's cap when the template sets none (0: none)."""
+    own, cap = getattr(template, f"max_{name}"), getattr(spoke, f"cap_{name}")
+    return int(min(own, cap) if own and cap else own or cap)

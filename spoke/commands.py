@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.audit import ALLOWED, REFUSED, AuditEntry, AuditTrail, append_audit
-from shared.config import SLUG_RE, Config
+from shared.config import LIMITS, SLUG_RE, Config, effective_limit
 from shared.db import models
 from shared.db.models import ALL_WORKSPACES
 from shared.envelope import now_ms
@@ -49,6 +49,7 @@ from spoke import procfs
 from spoke.drain import WATCH_SECONDS as DRAIN_WATCH_SECONDS
 from spoke.drain import drain_reason
 from spoke.grants import tenant_grant
+from spoke.limits import AgentCgroups, CgroupSupport, Limits
 from spoke.logs import read_tail
 from spoke.store import FINAL_STATES, AgentLedger, ScopedAgents, to_wire
 from spoke.supervisor import AgentSupervisor, Ending, Launched, LaunchSpec
@@ -80,6 +81,8 @@ class SpokeCommands:
         self.agents = ScopedAgents(trail)
         self.ledger = AgentLedger(trail)
         self.supervisor = AgentSupervisor(on_exit=self._record_ending)
+        self.cgroups = CgroupSupport(cfg.name, cfg.spoke.use_cgroups)
+        log.info("resource limits on this machine: %s", self.cgroups.describe())
 
     async def handle(self, peer: str, command: wire_pb2.Command,
                      message_id: str) -> wire_pb2.Response:
@@ -224,17 +227,25 @@ class SpokeCommands:
                 target=req.agent_id, message_id=message_id,
                 reason=f"template {template.name}"), template.max_concurrent or None,
             self._cfg.spoke.max_agents or None)
+        limits = Limits(**{f"{n}": effective_limit(template, self._cfg.spoke, n)
+                           for n in LIMITS})
+        groups = (AgentCgroups(self.cgroups, req.agent_id, limits)
+                  if limits != Limits() else None)
         spec = LaunchSpec(agent_id=req.agent_id, argv=argv, workdir=workdir,
                           log_path=log_path, env=env,
                           max_runtime_seconds=template.max_runtime_seconds,
-                          grace_seconds=template.grace_seconds)
+                          grace_seconds=template.grace_seconds, limits=limits, cgroups=groups)
         try:
             launched = await self.supervisor.launch(spec)
         except OSError as exc:
+            if groups is not None:
+                groups.remove()
             await self.ledger.ended(req.agent_id, "FAILED", None,
                                     f"could not start {argv[0]!r}: {exc.strerror or exc}")
         else:
-            await self.ledger.started(req.agent_id, launched.pid, launched.start_time)
+            note = (f"running; limits enforced: {self.cgroups.describe()}"
+                    if limits != Limits() else "running")
+            await self.ledger.started(req.agent_id, launched.pid, launched.start_time, note)
             self.supervisor.watch(req.agent_id)
         agent = await self.agents.get(req.agent_id)
         assert agent is not None

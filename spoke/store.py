@@ -121,9 +121,10 @@ class AgentLedger:
     def __init__(self, trail: AuditTrail) -> None:
         self._trail = trail
 
-    async def started(self, agent_id: str, pid: int, start_time: int) -> None:
+    async def started(self, agent_id: str, pid: int, start_time: int,
+                      note: str = "running") -> None:
         await self._move(agent_id, "agent.start", state="RUNNING", pid=pid,
-                         pid_start_time=start_time, started_at_ms=now_ms(), reason="running")
+                         pid_start_time=start_time, started_at_ms=now_ms(), reason=note)
 
     async def ended(self, agent_id: str, state: str, exit_code: int | None, reason: str,
                     *, by: str = "", message_id: str = "") -> None:

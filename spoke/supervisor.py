@@ -12,12 +12,14 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spoke import procfs
+from spoke.limits import AgentCgroups, Limits, cap_log, tree_usage
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ class LaunchSpec:
     env: dict[str, str]
     max_runtime_seconds: float
     grace_seconds: float
+    limits: Limits = field(default_factory=Limits)
+    cgroups: AgentCgroups | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class _Running:
     launched: Launched
     runtime_left: float
     kill_reason: str = ""
+    # Set by the watchdog when the agent went past a limit.
+    limit_reason: str = ""
     kill_by: str = ""
     kill_message_id: str = ""
     timed_out: bool = False
@@ -91,7 +97,7 @@ class AgentSupervisor:
         log_fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *spec.argv,
+                *launch_argv(spec),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
@@ -122,6 +128,8 @@ class AgentSupervisor:
         run.watcher = asyncio.create_task(self._watch(run), name=f"agent-{agent_id}")
 
     async def _watch(self, run: _Running) -> None:
+        watchdog = (asyncio.create_task(self._watchdog(run))
+                    if _watched(run.spec.limits) else None)
         try:
             await asyncio.wait_for(asyncio.shield(self._first_process_gone(run)),
                                    timeout=run.runtime_left)
@@ -129,6 +137,8 @@ class AgentSupervisor:
             run.timed_out = True
             self._terminate(run, run.spec.grace_seconds)
         code = await self._first_process_gone(run)
+        if watchdog is not None:
+            watchdog.cancel()
         if run.terminator is not None:
             # The first process may die before the sequence ends; let it finish so the
             # record says whether SIGKILL was needed.
@@ -137,6 +147,8 @@ class AgentSupervisor:
         # behind goes too.
         await asyncio.to_thread(self._sweep, run.spec.agent_id, run.launched)
         ending = self._ending(run, code)
+        if run.spec.cgroups is not None:
+            run.spec.cgroups.remove()
         try:
             await self._on_exit(run.spec.agent_id, ending)
         except Exception:
@@ -159,6 +171,15 @@ class AgentSupervisor:
         if run.kill_reason:
             return Ending("KILLED", code, f"{run.kill_reason} ({how})", run.kill_by,
                           run.kill_message_id)
+        if run.limit_reason:
+            return Ending("FAILED", code, f"stopped by the spoke: {run.limit_reason} ({how})")
+        limits, groups = run.spec.limits, run.spec.cgroups
+        if code == -signal.SIGKILL and groups is not None and groups.memory_limit_hit():
+            return Ending("FAILED", code, f"killed by the kernel: memory limit of "
+                                          f"{limits.memory_mb} MiB reached")
+        if code == -signal.SIGXCPU and limits.cpu_seconds:
+            return Ending("FAILED", code, f"CPU time limit of {limits.cpu_seconds} s reached "
+                                          "(SIGXCPU)")
         if run.timed_out:
             return Ending("TIMED_OUT", code,
                           f"ran past max_runtime_seconds={run.spec.max_runtime_seconds:g} "
@@ -183,6 +204,28 @@ class AgentSupervisor:
             self._terminate(run, grace_seconds)
         await run.done.wait()
 
+    async def _watchdog(self, run: _Running) -> None:
+        """Stop the agent once its tree is past a limit; keep its log under the cap."""
+        limits, groups = run.spec.limits, run.spec.cgroups
+        while True:
+            await asyncio.sleep(WATCHDOG_SECONDS)
+            if limits.log_mb and cap_log(run.spec.log_path, limits.log_mb << 20):
+                log.info("agent %s: log cut at %d MiB", run.spec.agent_id, limits.log_mb)
+            counted = groups.usage() if groups is not None else {}
+            if not {"memory", "cpu", "pids"} <= counted.keys():
+                procs = await asyncio.to_thread(
+                    procfs.agent_processes, run.launched.pid, run.launched.start_time,
+                    run.spec.agent_id)
+                usage = tree_usage(procs)
+                counted.setdefault("memory", usage.memory_bytes)
+                counted.setdefault("cpu", usage.cpu_seconds)
+                counted.setdefault("pids", usage.processes)
+            breach = _breach(limits, counted)
+            if breach and not run.kill_reason:
+                run.limit_reason = breach
+                self._terminate(run, run.spec.grace_seconds)
+                return
+
     def _terminate(self, run: _Running, grace_seconds: float) -> None:
         if run.terminator is not None:
             return
@@ -204,6 +247,40 @@ class AgentSupervisor:
             if run.watcher is not None:
                 run.watcher.cancel()
         self._running.clear()
+
+
+WATCHDOG_SECONDS = 0.25
+
+
+def _watched(limits: Limits) -> bool:
+    return bool(limits.memory_mb or limits.cpu_seconds or limits.processes or limits.log_mb)
+
+
+def _breach(limits: Limits, usage: dict[str, float]) -> str:
+    """Which limit the tree is past, for the record; '' if none."""
+    if limits.memory_mb and usage["memory"] > limits.memory_mb << 20:
+        return (f"memory limit of {limits.memory_mb} MiB exceeded "
+                f"({usage['memory'] / (1 << 20):.0f} MiB)")
+    if limits.cpu_seconds and usage["cpu"] > limits.cpu_seconds:
+        return f"CPU time limit of {limits.cpu_seconds} s exceeded ({usage['cpu']:.1f} s)"
+    if limits.processes and usage["pids"] > limits.processes:
+        return f"process limit of {limits.processes} exceeded ({usage['pids']:.0f})"
+    return ""
+
+
+def launch_argv(spec: LaunchSpec) -> list[str]:
+    """The agent's argv, behind the launcher when cgroups or rlimits must be set first."""
+    limits, groups = spec.limits, spec.cgroups
+    if not (limits.open_files or limits.cpu_seconds or (groups and groups.dirs)):
+        return spec.argv
+    shim = [sys.executable, "-I", "-m", "spoke.launch"]
+    for d in (groups.dirs.values() if groups else ()):
+        shim += ["--cgroup", str(d)]
+    if limits.open_files:
+        shim += ["--nofile", str(limits.open_files)]
+    if limits.cpu_seconds:
+        shim += ["--cpu", str(limits.cpu_seconds)]
+    return [*shim, "--", *spec.argv]
 
 
 async def terminate_processes(agent_id: str, launched: Launched, grace_seconds: float) -> bool:
