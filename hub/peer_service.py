@@ -39,12 +39,13 @@ class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
 
     async def _answer(self, opened: OpenedEnvelope) -> wire_pb2.Response:
         env = opened.envelope
-        if env.WhichOneof("body") == "heartbeat":
-            async with self._trail.transaction() as session:
-                await session.execute(update(models.Peer).where(
-                    models.Peer.name == env.sender).values(last_heartbeat_ms=now_ms()))
-        else:
+        if env.WhichOneof("body") == "report":
             changed = await self._registry.apply_report(env.sender, list(env.report.updates))
             log.debug("report from %s: %d of %d updates applied", env.sender, changed,
                       len(env.report.updates))
+        # Any verified message shows the spoke is alive, not only a heartbeat: a report
+        # that arrives first after a restart must not leave the spoke OFFLINE.
+        async with self._trail.transaction() as session:
+            await session.execute(update(models.Peer).where(
+                models.Peer.name == env.sender).values(last_heartbeat_ms=now_ms()))
         return wire_pb2.Response(ack=wire_pb2.Ack())
