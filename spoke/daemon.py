@@ -46,6 +46,7 @@ async def run_spoke(cfg: Config, listen: str) -> None:
         draining.cancel()
         await reporter.close()
         commands.supervisor.detach()
+        commands.cgroups.close()
         await engine.dispose()
 
     await serve_until_stopped(server, memory, cfg, on_stop)

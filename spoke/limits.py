@@ -66,6 +66,13 @@ class CgroupSupport:
                 continue
             self.bases[controller] = base
 
+    def close(self) -> None:
+        """Remove the spoke's own cgroup folders if no agent is left in them (a stopping
+        spoke leaves running agents, and their cgroups, in place)."""
+        for base in self.bases.values():
+            with contextlib.suppress(OSError):
+                base.rmdir()
+
     def describe(self) -> str:
         how = {
             "memory": "cgroup" if "memory" in self.bases else "watchdog (sum of RSS)",
