@@ -1,198 +1,23 @@
-"""Hub commands of the `fleetwire` command line: tokens, `hub run`, `agent ...`, `demo`."""
+"""Hub commands of the `fleetwire` command line: `hub run`, `agent ...`, `spoke list`,
+`demo`; the token commands are in hub/token_cli.py."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.client import HubClient
 from hub.daemon import run_hub
-from hub.tokens import (
-    DEFAULT_GRACE_HOURS,
-    MAX_GRACE_HOURS,
-    MIN_GRACE_HOURS,
-    Issued,
-    TokenInfo,
-    create_token,
-    describe_retired,
-    list_tokens,
-    revoke_token,
-    rotate_token,
-)
-from shared.audit import append_audit
-from shared.cli import audited, home_option, json_option, run_daemon, with_session
-from shared.envelope import now_ms
+from hub.remote import hub_options, iso_ms, with_hub
+from hub.token_cli import token
+from shared.cli import home_option, json_option, run_daemon
 from shared.errors import InvalidArgument
 from shared.pb.v1 import operator_pb2, wire_pb2
-from shared.scope import Role
-
-T = TypeVar("T")
-
-
-def _with_hub(hub_addr: str, tok: str, fn: Callable[[HubClient], Awaitable[T]]) -> T:
-    async def go() -> T:
-        async with HubClient(hub_addr, tok) as client:
-            return await fn(client)
-    return asyncio.run(go())
-
-
-def hub_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--hub", "hub_addr", envvar="FLEETWIRE_HUB", default="",
-                     help="The hub's operator address HOST:PORT (or FLEETWIRE_HUB).")(f)
-    return click.option("--token", "tok", envvar="FLEETWIRE_TOKEN", default="",
-                        help="Operator token (or FLEETWIRE_TOKEN).")(f)
-
-
-@click.group()
-def token() -> None:
-    """Operator tokens: on the hub's machine with --home, or by a tenant admin with
-    --hub and --token."""
-
-
-def home_or_hub(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option(
-        "--home", default=None, envvar="FLEETWIRE_HOME",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="The hub's folder, on its machine (or FLEETWIRE_HOME). Without it, the "
-             "command goes through --hub with an admin --token, in that token's tenant.")(f)
-    return hub_options(f)
-
-
-def _print_issued(as_json: bool, token_id: int, secret: str, retired: list[int],
-                  **about: str) -> None:
-    if as_json:
-        click.echo(json.dumps({"token": secret, "id": token_id, **about, "retired": retired}))
-        return
-    click.echo(secret)
-    gone = f"; retired token {', '.join(map(str, retired))}" if retired else ""
-    click.echo(f"(token {token_id}: " + ", ".join(f"{k} {v}" for k, v in about.items())
-               + f"; shown only now{gone})", err=True)
-
-
-def _remote_issued(as_json: bool, issued: operator_pb2.IssuedToken) -> None:
-    about = {"tenant": issued.tenant, "principal": issued.principal,
-             "role": Role.from_wire(issued.role).label}
-    if issued.replaces:
-        about["replaces"] = str(issued.replaces)
-    _print_issued(as_json, issued.id, issued.token, list(issued.retired), **about)
-
-
-@token.command("create")
-@home_or_hub
-@click.option("--tenant", default=None, help="The token's tenant (with --home).")
-@click.option("--principal", default="operator", show_default=True,
-              help="Who the token stands for; recorded on the agents it spawns.")
-@click.option("--role", default="operator", show_default=True,
-              type=click.Choice(["viewer", "operator", "admin"]))
-@json_option
-def token_create(home: Path | None, hub_addr: str, tok: str, tenant: str | None,
-                 principal: str, role: str, as_json: bool) -> None:
-    """Create an operator token. It is shown once and stored hashed; a principal's
-    oldest working token is retired beyond 3."""
-    r = Role.parse(role)
-    if home is None:
-        if tenant:
-            raise InvalidArgument("through the hub, a token is made in the admin token's own "
-                                  "tenant; drop --tenant")
-        _remote_issued(as_json, _with_hub(hub_addr, tok, lambda c: c.create_token(principal, r)))
-        return
-    if not tenant:
-        raise InvalidArgument("with --home, name the token's tenant with --tenant")
-
-    async def create(session: AsyncSession, _: object) -> Issued:
-        issued = await create_token(session, tenant=tenant, principal=principal, role=r,
-                                    now_ms=now_ms())
-        await append_audit(session, audited(
-            "token.create", tenant=tenant, target=f"token {issued.id}",
-            reason=f"principal {principal}, role {r.label}" + describe_retired(issued)))
-        return issued
-
-    issued = with_session(home, create, audited("token.create", tenant=tenant),
-                          audit_success=False)
-    _print_issued(as_json, issued.id, issued.token, list(issued.retired), tenant=tenant,
-                  principal=principal, role=r.label)
-
-
-@token.command("list")
-@home_or_hub
-@click.option("--tenant", default=None, help="Only this tenant's tokens (with --home).")
-@json_option
-def token_list(home: Path | None, hub_addr: str, tok: str, tenant: str | None,
-               as_json: bool) -> None:
-    """List tokens (never their secrets): id, tenant, principal, role, state."""
-    if home is None:
-        resp = _with_hub(hub_addr, tok, lambda c: c.list_tokens())
-        rows = [TokenInfo(id=t.id, tenant=t.tenant, principal=t.principal,
-                          role=Role.from_wire(t.role).label, created_at_ms=t.created_at_ms,
-                          state=t.state, expires_at_ms=t.expires_at_ms or None,
-                          replaced_by_id=t.replaced_by_id or None) for t in resp.tokens]
-    else:
-        rows = with_session(home, lambda s, _: list_tokens(s, tenant=tenant, now_ms=now_ms()))
-    if as_json:
-        click.echo(json.dumps([vars(r) for r in rows], indent=2))
-        return
-    for r in rows:
-        until = f" until {_iso(r.expires_at_ms or 0)}" if r.state == "expiring" else ""
-        after = f" -> {r.replaced_by_id}" if r.replaced_by_id else ""
-        click.echo(f"{r.id:>5} {r.tenant:<16} {r.principal:<16} {r.role:<9} "
-                   f"{r.state}{until}{after}")
-    if not rows:
-        click.echo("no tokens")
-
-
-@token.command("rotate")
-@home_or_hub
-@click.argument("token_id", type=int)
-@click.option("--grace", "grace_hours", type=int, default=DEFAULT_GRACE_HOURS,
-              show_default=True, help=f"Hours the old token keeps working "
-              f"({MIN_GRACE_HOURS}-{MAX_GRACE_HOURS}).")
-@json_option
-def token_rotate(home: Path | None, hub_addr: str, tok: str, token_id: int, grace_hours: int,
-                 as_json: bool) -> None:
-    """Replace a token: the new one is shown once, the old one works until the grace
-    ends."""
-    if home is None:
-        _remote_issued(as_json, _with_hub(hub_addr, tok,
-                                          lambda c: c.rotate_token(token_id, grace_hours)))
-        return
-
-    async def rotate(session: AsyncSession, _: object) -> tuple[Issued, TokenInfo]:
-        issued = await rotate_token(session, token_id=token_id, grace_hours=grace_hours,
-                                    now_ms=now_ms())
-        info = next(t for t in await list_tokens(session, tenant=None, now_ms=now_ms())
-                    if t.id == issued.id)
-        await append_audit(session, audited(
-            "token.rotate", tenant=info.tenant, target=f"token {token_id}",
-            reason=f"replaced by token {issued.id}, grace {grace_hours} h"
-            + describe_retired(issued)))
-        return issued, info
-
-    issued, info = with_session(home, rotate, audited(
-        "token.rotate", target=f"token {token_id}"), audit_success=False)
-    _print_issued(as_json, issued.id, issued.token, list(issued.retired), tenant=info.tenant,
-                  principal=info.principal, role=info.role, replaces=str(token_id))
-
-
-@token.command("revoke")
-@home_or_hub
-@click.argument("token_id", type=int)
-def token_revoke(home: Path | None, hub_addr: str, tok: str, token_id: int) -> None:
-    """Stop a token at once."""
-    if home is None:
-        _with_hub(hub_addr, tok, lambda c: c.revoke_token(token_id))
-    else:
-        with_session(home, lambda s, _: revoke_token(s, token_id=token_id, now_ms=now_ms()),
-                     audited("token.revoke", target=f"token {token_id}"))
-    click.echo(f"revoked token {token_id}")
 
 
 @click.group()
@@ -209,10 +34,6 @@ def hub_run(home: Path, listen: str | None) -> None:
     run_daemon(home, lambda cfg: run_hub(cfg, listen or cfg.hub.listen))
 
 
-def _iso(ms: int) -> str | None:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds") if ms else None
-
-
 def agent_json(a: wire_pb2.Agent) -> dict[str, Any]:
     """The JSON shape of an agent that `--json` prints."""
     return {
@@ -221,9 +42,9 @@ def agent_json(a: wire_pb2.Agent) -> dict[str, Any]:
         "principal": a.principal,
         "state": wire_pb2.AgentState.Name(a.state).removeprefix("AGENT_STATE_"),
         "exit_code": a.exit_code if a.HasField("exit_code") else None,
-        "created_at": _iso(a.created_at_ms), "started_at": _iso(a.started_at_ms),
-        "ended_at": _iso(a.ended_at_ms), "reason": a.reason,
-        "stale": a.stale, "reported_at": _iso(a.reported_at_ms),
+        "created_at": iso_ms(a.created_at_ms), "started_at": iso_ms(a.started_at_ms),
+        "ended_at": iso_ms(a.ended_at_ms), "reason": a.reason,
+        "stale": a.stale, "reported_at": iso_ms(a.reported_at_ms),
     }
 
 
@@ -260,7 +81,7 @@ def agent_spawn(hub_addr: str, tok: str, spoke: str, workspace: str, template: s
         if not sep or not key:
             raise InvalidArgument(f"--param '{item}' is not KEY=VALUE")
         values[key] = value
-    a = agent_json(_with_hub(hub_addr, tok, lambda c: c.spawn(
+    a = agent_json(with_hub(hub_addr, tok, lambda c: c.spawn(
         spoke=spoke, workspace=workspace, template=template, task=task, params=values)))
     click.echo(json.dumps(a, indent=2) if as_json else _agent_text(a))
 
@@ -276,7 +97,7 @@ live_option = click.option("--live", is_flag=True,
 @json_option
 def agent_status(hub_addr: str, tok: str, agent_id: str, live: bool, as_json: bool) -> None:
     """Show one agent: its last reported state, or with --live its spoke's answer."""
-    a = agent_json(_with_hub(hub_addr, tok, lambda c: c.status(agent_id, live=live)))
+    a = agent_json(with_hub(hub_addr, tok, lambda c: c.status(agent_id, live=live)))
     click.echo(json.dumps(a, indent=2) if as_json else _agent_text(a))
 
 
@@ -290,7 +111,7 @@ def agent_list(hub_addr: str, tok: str, spoke: str, workspace: str, live: bool,
                as_json: bool) -> None:
     """List the agents of the token's tenant from the hub's registry (--live: ask the
     spokes)."""
-    resp = _with_hub(hub_addr, tok, lambda c: c.list(spoke=spoke, workspace=workspace,
+    resp = with_hub(hub_addr, tok, lambda c: c.list(spoke=spoke, workspace=workspace,
                                                      live=live))
     rows = [agent_json(a) for a in resp.agents]
     for name in resp.unreachable_spokes:
@@ -333,7 +154,7 @@ def agent_kill(hub_addr: str, tok: str, agent_id: str | None, grace: float | Non
         if agent_id is None or workspace or spoke or template or older_than or states \
                 or dry_run:
             raise InvalidArgument("give one AGENT_ID, or --workspace W --all with filters")
-        a = agent_json(_with_hub(hub_addr, tok, lambda c: c.kill(agent_id, grace_ms, reason)))
+        a = agent_json(with_hub(hub_addr, tok, lambda c: c.kill(agent_id, grace_ms, reason)))
         click.echo(json.dumps(a, indent=2) if as_json else _agent_text(a))
         return
     if agent_id is not None or not workspace:
@@ -344,7 +165,7 @@ def agent_kill(hub_addr: str, tok: str, agent_id: str | None, grace: float | Non
         states=[f"AGENT_STATE_{s.upper()}" for s in states], dry_run=dry_run, reason=reason)
     if grace_ms is not None:
         req.grace_ms = grace_ms
-    resp = _with_hub(hub_addr, tok, lambda c: c.kill_many(req))
+    resp = with_hub(hub_addr, tok, lambda c: c.kill_many(req))
     rows = [{**agent_json(r.agent), "error": r.error or None} for r in resp.results]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -382,7 +203,7 @@ def parse_duration(text: str) -> float:
               show_default=True, help="How many of the last lines.")
 def agent_logs(hub_addr: str, tok: str, agent_id: str, tail_lines: int) -> None:
     """Print the end of an agent's output, fetched from its spoke."""
-    logs = _with_hub(hub_addr, tok, lambda c: c.logs(agent_id, tail_lines))
+    logs = with_hub(hub_addr, tok, lambda c: c.logs(agent_id, tail_lines))
     if logs.truncated:
         click.echo(f"(older output left out; showing at most the last {tail_lines} lines)",
                    err=True)
@@ -410,7 +231,7 @@ def agent_watch(hub_addr: str, tok: str, workspace: str, count: int | None,
                 return
 
     with contextlib.suppress(KeyboardInterrupt):
-        _with_hub(hub_addr, tok, go)
+        with_hub(hub_addr, tok, go)
 
 
 @click.command("list")
@@ -419,9 +240,9 @@ def agent_watch(hub_addr: str, tok: str, workspace: str, count: int | None,
 def spoke_list(hub_addr: str, tok: str, as_json: bool) -> None:
     """List the hub's spokes: ONLINE/OFFLINE, last heartbeat, the tenant's agents by
     state."""
-    resp = _with_hub(hub_addr, tok, lambda c: c.spokes())
+    resp = with_hub(hub_addr, tok, lambda c: c.spokes())
     rows: list[dict[str, Any]] = [{"name": s.name, "address": s.address, "status": s.status,
-             "last_heartbeat": _iso(s.last_heartbeat_ms),
+             "last_heartbeat": iso_ms(s.last_heartbeat_ms),
              "agents": dict(sorted(s.agents_by_state.items()))} for s in resp.spokes]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
