@@ -264,9 +264,20 @@ def demo(keep: bool) -> None:
     run_demo(keep=keep)
 
 
+@click.command()
+@click.option("--quick", is_flag=True, help="Fewer rounds and 100 agents, not 1,000 (under "
+              "a minute).")
+@json_option
+def bench(quick: bool, as_json: bool) -> None:
+    """Measure a hub and spoke against bare gRPC on this machine (medians, p99, ratios)."""
+    from hub.bench import run_bench
+
+    run_bench(quick=quick, as_json=as_json)
+
+
 def register(root: click.Group) -> None:
     """Add the hub's commands; `spoke list` joins the spoke group, so register after it."""
-    for cmd in (token, hub, agent, demo):
+    for cmd in (token, hub, agent, demo, bench):
         root.add_command(cmd)
     spoke_group = root.commands["spoke"]
     assert isinstance(spoke_group, click.Group)

@@ -24,6 +24,7 @@ from spoke.limits import AgentCgroups, Limits, cap_log, tree_usage
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
+FIRST_POLL_SECONDS = 0.002
 # After SIGKILL, how long to keep sweeping for processes that forked meanwhile.
 KILL_SWEEP_SECONDS = 5.0
 
@@ -294,8 +295,10 @@ async def terminate_processes(agent_id: str, launched: Launched, grace_seconds: 
     for proc in procs:
         procfs.signal_process(proc, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
+    pause = FIRST_POLL_SECONDS  # most agents stop at once: look again soon, then less often
     while procs and time.monotonic() < deadline:
-        await asyncio.sleep(POLL_SECONDS)
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, POLL_SECONDS)
         procs = await asyncio.to_thread(scan)
     if not procs:
         return False
