@@ -24,6 +24,7 @@ import grpc
 from hub.client import HubClient
 from hub.demo import LocalFederation
 from shared.config import KeepAliveConfig
+from shared.errors import FleetwireError
 from shared.pb.v1 import operator_pb2
 from shared.rpc import channel_options, server_options
 
@@ -198,7 +199,14 @@ async def _measure(plan: Plan, hub_addr: str, token: str, spoke_pid: int) -> dic
                 lambda: hub.list(), max(10, plan.rounds // 20)))
             results["spoke_rss_idle_mb"] = idle_rss
             results[f"spoke_rss_with_{plan.crowd}_agents_mb"] = _rss_mb(spoke_pid)
-            await hub.kill_many(operator_pb2.KillAgentsRequest(workspace="w", grace_ms=5000))
+            start = time.perf_counter()
+            try:
+                killed = await hub.kill_many(operator_pb2.KillAgentsRequest(
+                    workspace="w", grace_ms=5000))
+                results[f"bulk_kill_{len(killed.results)}_agents_s"] = round(
+                    time.perf_counter() - start, 2)
+            except FleetwireError as err:
+                results["bulk_kill_error"] = err.message
     finally:
         for server in servers:
             await server.stop(0)
