@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,29 +55,30 @@ def is_same_process(pid: int, recorded_start: int) -> bool:
     return start_time(pid) == recorded_start
 
 
-# One pass over /proc serves every caller within this long: many agents killed at once
-# share a pass instead of each making its own. A pass this old can only show processes
-# that are already gone (kill loops then signal nothing and look again), or miss ones
-# forked since (the sweep after an agent's end looks again).
-SNAPSHOT_SECONDS = 0.02
+# A pass over /proc that started after a caller asked is as good, for that caller, as
+# one of its own: callers that wait for the same lock share the next pass. Many agents
+# killed at once then cost a few passes, not one each.
+_pass_lock = threading.Lock()
 _snapshot: tuple[float, list[ProcStat]] = (-1.0, [])
 
 
-def _all_stats(max_age: float = 0.0) -> list[ProcStat]:
-    """Live processes, from a pass at most max_age seconds old (0: a new pass)."""
+def _all_stats(newer_than: float | None = None) -> list[ProcStat]:
+    """Live processes, from a pass that started at or after newer_than (default: now)."""
     global _snapshot
-    taken, stats = _snapshot
-    if max_age and time.monotonic() - taken < max_age:
+    wanted = time.monotonic() if newer_than is None else newer_than
+    with _pass_lock:
+        taken, stats = _snapshot
+        if taken >= wanted:
+            return stats
+        started = time.monotonic()
+        stats = []
+        for entry in os.scandir(PROC):
+            if entry.name.isdigit():
+                st = read_stat(int(entry.name))
+                if st is not None and st.alive:
+                    stats.append(st)
+        _snapshot = (started, stats)
         return stats
-    started = time.monotonic()
-    stats = []
-    for entry in os.scandir(PROC):
-        if entry.name.isdigit():
-            st = read_stat(int(entry.name))
-            if st is not None and st.alive:
-                stats.append(st)
-    _snapshot = (started, stats)
-    return stats
 
 
 # A process's initial environment never changes, so which agent (if any) a process
@@ -107,11 +109,11 @@ def _agent_of(proc: ProcStat) -> str:
 
 
 def agent_processes(root_pid: int, root_start: int, agent_id: str,
-                    max_age: float = 0.0) -> list[ProcStat]:
+                    newer_than: float | None = None) -> list[ProcStat]:
     """Every live process of an agent: its session and process group, the descendants
     of any of them, and any process carrying the agent's environment marker (which
     finds descendants that escaped with setsid and were re-parented)."""
-    stats = _all_stats(max_age)
+    stats = _all_stats(newer_than)
     me = os.getpid()
     # A pgrp/session id stays allocated while any member lives, so membership by these
     # ids cannot hit an unrelated process even after the root's pid was recycled. Ids 0

@@ -288,16 +288,13 @@ async def terminate_processes(agent_id: str, launched: Launched, grace_seconds: 
     """SIGTERM every process of the agent, wait up to grace, then SIGKILL until none is
     left. Returns True if SIGKILL was needed."""
 
-    def scan(shared: bool = True) -> list[procfs.ProcStat]:
-        """While polling, a pass shared with other kills; 'none left' is always checked
-        against a new pass."""
-        age = procfs.SNAPSHOT_SECONDS if shared else 0.0
-        found = procfs.agent_processes(launched.pid, launched.start_time, agent_id, age)
-        if not found and shared:
-            found = procfs.agent_processes(launched.pid, launched.start_time, agent_id)
-        return found
+    def scan() -> list[procfs.ProcStat]:
+        """The agent's processes, from a /proc pass that started after this call (shared
+        with other kills asking at the same time)."""
+        return procfs.agent_processes(launched.pid, launched.start_time, agent_id,
+                                      time.monotonic())
 
-    procs = await asyncio.to_thread(scan, False)
+    procs = await asyncio.to_thread(scan)
     for proc in procs:
         procfs.signal_process(proc, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
