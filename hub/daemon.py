@@ -25,7 +25,7 @@ async def run_hub(cfg: Config, listen: str) -> None:
     engine = make_engine(cfg.db_url)
     sessions = make_sessions(engine)
     keyring = DbKeyring(sessions)
-    dispatcher = SpokeDispatcher(cfg, identity, keyring, sessions)
+    dispatcher = SpokeDispatcher(cfg, identity, keyring)
     trail = AuditTrail(sessions)
     memory = MessageMemory(sessions)
     registry = HubRegistry(trail, AgentEvents())

@@ -7,11 +7,9 @@ retry into the first answer, never a second action.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -31,7 +29,7 @@ from shared.errors import (
 )
 from shared.identity import Identity
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
-from shared.rpc import open_channel
+from shared.rpc import PeerChannels
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +41,14 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class SpokeDispatcher:
-    def __init__(self, cfg: Config, identity: Identity, keyring: Keyring,
-                 sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, cfg: Config, identity: Identity, keyring: Keyring) -> None:
         self._cfg = cfg
         self._identity = identity
         self._keyring = keyring
-        self._sessions = sessions
-        self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        self._channels = PeerChannels(cfg.keepalive)
 
     def _stub(self, spoke: str, address: str) -> wire_pb2_grpc.SpokeServiceStub:
-        known = self._channels.get(spoke)
-        if known is None or known[0] != address:
-            if known is not None:
-                # Address changed: close the old channel in the background.
-                asyncio.get_running_loop().create_task(known[1].close())
-            known = (address, open_channel(address, self._cfg.keepalive))
-            self._channels[spoke] = known
-        return wire_pb2_grpc.SpokeServiceStub(known[1])
+        return wire_pb2_grpc.SpokeServiceStub(self._channels.get(spoke, address))
 
     def seal(self, spoke: str, command: wire_pb2.Command) -> tuple[str, wire_pb2.SignedEnvelope]:
         """Sign a command for a spoke once; returns its message_id and the envelope."""
@@ -127,6 +116,4 @@ class SpokeDispatcher:
         return response
 
     async def close(self) -> None:
-        for _, channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self._channels.close()

@@ -46,7 +46,3 @@ class AgentEvents:
                 yield agent
         finally:
             self._watchers.discard(watcher)
-
-    @property
-    def watchers(self) -> int:
-        return len(self._watchers)

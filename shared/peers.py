@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.config import check_name
 from shared.db import models
 from shared.envelope import PeerKey, now_ms
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import InvalidArgument
 from shared.identity import key_id_for
 
 ACTIVE = "ACTIVE"
@@ -45,15 +45,6 @@ async def add_peer(
             f"peer '{name}' or key '{key_id}' is already registered; see `fleetwire peer list`"
         ) from None
     return PeerInfo(name=name, address=address, state=ACTIVE, key_ids=(key_id,))
-
-
-async def set_peer_address(session: AsyncSession, *, name: str, address: str) -> None:
-    check_address(address)
-    peer = (await session.execute(
-        select(models.Peer).where(models.Peer.name == name))).scalar_one_or_none()
-    if peer is None:
-        raise NotFound(f"peer '{name}' not found; add it with `fleetwire peer add`")
-    peer.address = address
 
 
 async def list_peers(session: AsyncSession) -> list[PeerInfo]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -69,3 +70,26 @@ async def start_server(
 def open_channel(address: str, keepalive: KeepAliveConfig) -> grpc.aio.Channel:
     check_address(address)
     return grpc.aio.insecure_channel(address, options=channel_options(keepalive))
+
+
+class PeerChannels:
+    """One channel per peer, reused across calls; replaced (and the old one closed) when
+    the peer's address changes."""
+
+    def __init__(self, keepalive: KeepAliveConfig) -> None:
+        self._keepalive = keepalive
+        self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+
+    def get(self, peer: str, address: str) -> grpc.aio.Channel:
+        known = self._channels.get(peer)
+        if known is None or known[0] != address:
+            if known is not None:
+                asyncio.get_running_loop().create_task(known[1].close())
+            known = (address, open_channel(address, self._keepalive))
+            self._channels[peer] = known
+        return known[1]
+
+    async def close(self) -> None:
+        for _, channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import click
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.cli import (
@@ -19,13 +18,12 @@ from shared.cli import (
     with_session,
 )
 from shared.config import load_config
-from shared.db import models
 from shared.errors import Unavailable
 from shared.scope import Role
 from spoke.daemon import run_spoke
 from spoke.drain import lift_drain, request_drain
 from spoke.grants import add_grant, list_grants, revoke_grant
-from spoke.store import LIVE_STATES
+from spoke.store import count_live
 
 
 @click.group()
@@ -126,9 +124,7 @@ async def _nothing(_: AsyncSession, __: object) -> None:
 
 
 async def _live_count(session: AsyncSession, _: object) -> int:
-    rows = (await session.execute(select(models.Agent.agent_id).where(
-        models.Agent.state.in_(sorted(LIVE_STATES))))).all()
-    return len(rows)
+    return await count_live(session)
 
 
 def register(root: click.Group) -> None:

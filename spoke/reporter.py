@@ -27,8 +27,8 @@ from shared.errors import FleetwireError, from_wire_error
 from shared.identity import Identity
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
 from shared.peers import ACTIVE
-from shared.rpc import open_channel
-from spoke.store import LIVE_STATES, to_wire
+from shared.rpc import PeerChannels
+from spoke.store import count_live, to_wire
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class StatusReporter:
         self._keyring = keyring
         self._sessions = sessions
         self._trail = trail
-        self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        self._channels = PeerChannels(cfg.keepalive)
         # Hubs that must get a snapshot before anything else (all of them at start).
         self._needs_snapshot: set[str] | None = None
 
@@ -57,8 +57,7 @@ class StatusReporter:
         await asyncio.gather(self._drain_forever(), self._heartbeat_forever())
 
     async def close(self) -> None:
-        for _, channel in self._channels.values():
-            await channel.close()
+        await self._channels.close()
 
     # -- reports -----------------------------------------------------------------------
 
@@ -149,9 +148,7 @@ class StatusReporter:
 
     async def _running_count(self) -> int:
         async with self._sessions() as session:
-            rows = (await session.execute(select(models.Agent.agent_id).where(
-                models.Agent.state.in_(sorted(LIVE_STATES))))).all()
-        return len(rows)
+            return await count_live(session)
 
     # -- the wire ----------------------------------------------------------------------
 
@@ -186,11 +183,7 @@ class StatusReporter:
             raise HubUnreachable("its answer is not an acknowledgement")
 
     def _stub(self, hub: str, address: str) -> wire_pb2_grpc.HubPeerServiceStub:
-        known = self._channels.get(hub)
-        if known is None or known[0] != address:
-            known = (address, open_channel(address, self._cfg.keepalive))
-            self._channels[hub] = known
-        return wire_pb2_grpc.HubPeerServiceStub(known[1])
+        return wire_pb2_grpc.HubPeerServiceStub(self._channels.get(hub, address))
 
 
 

@@ -39,6 +39,12 @@ def to_wire(agent: models.Agent) -> wire_pb2.Agent:
     return msg
 
 
+async def count_live(session: AsyncSession) -> int:
+    """How many agents on this spoke are PENDING or RUNNING (all tenants)."""
+    return int((await session.execute(select(func.count()).select_from(models.Agent).where(
+        models.Agent.state.in_(sorted(LIVE_STATES))))).scalar_one())
+
+
 def enqueue_report(session: AsyncSession, agent: models.Agent) -> None:
     """Queue the agent's new state for the hub that spawned it, in the change's
     transaction: a change is never committed without its report, nor the reverse."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,3 @@ def upgrade(url: str, revision: str = "head") -> None:
 def downgrade(url: str, revision: str) -> None:
     command.downgrade(_alembic_config(url), revision)
 
-
-async def upgrade_async(url: str, revision: str = "head") -> None:
-    """upgrade() from async code: Alembic's env runs its own loop, so use a thread."""
-    await asyncio.to_thread(upgrade, url, revision)
