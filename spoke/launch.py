@@ -2,43 +2,49 @@
 template's argv. It runs as the agent's first process, so nothing runs inside the spoke
 between fork and exec, and everything the agent starts inherits what was set here.
 
-    python -m spoke.launch [--cgroup DIR]... [--nofile N] [--cpu SECONDS] -- ARGV...
+It is a POSIX shell script rather than Python: a shell starts in about a millisecond,
+an interpreter in tens of them, and this sits on every spawn's path.
+
+    /bin/sh -c LAUNCHER fleetwire-launch [--cgroup DIR]... [--nofile N] [--cpu SECONDS] \
+        -- ARGV...
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import resource
-import sys
+SHELL = "/bin/sh"
+
+# $$ is the shell's pid, which stays the agent's pid across the final exec. `set -e`
+# makes any failed step (a cgroup that refuses the pid, a limit above the hard one) end
+# the launch with the shell's message instead of starting the agent without it.
+LAUNCHER = r"""set -e
+while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do
+  case "$1" in
+    --cgroup) echo "$$" > "$2/cgroup.procs" ;;
+    --nofile) ulimit -n "$2" ;;
+    --cpu) ulimit -St "$2"; ulimit -Ht "$(($2 + 1))" ;;
+    *) echo "fleetwire-launch: unknown option $1" >&2; exit 127 ;;
+  esac
+  shift 2
+done
+shift
+if [ "$#" -eq 0 ]; then echo "fleetwire-launch: nothing to run" >&2; exit 127; fi
+if ! command -v "$1" >/dev/null 2>&1; then
+  echo "fleetwire-launch: cannot start '$1': not found or not executable" >&2; exit 127
+fi
+exec "$@"
+"""
 
 
-def main(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fleetwire-launch")
-    parser.add_argument("--cgroup", action="append", default=[])
-    parser.add_argument("--nofile", type=int, default=0)
-    parser.add_argument("--cpu", type=int, default=0)
-    parser.add_argument("argv", nargs=argparse.REMAINDER)
-    opts = parser.parse_args(args)
-    argv = opts.argv[1:] if opts.argv[:1] == ["--"] else opts.argv
-    if not argv:
-        print("fleetwire-launch: nothing to run", file=sys.stderr)
-        return 127
-    for group in opts.cgroup:
-        with open(os.path.join(group, "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
-    if opts.nofile:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (opts.nofile, opts.nofile))
-    if opts.cpu:
+def launcher_argv(*, cgroups: list[str], open_files: int, cpu_seconds: int,
+                  argv: list[str]) -> list[str]:
+    """The argv that sets these up and then execs `argv`."""
+    opts: list[str] = []
+    for d in cgroups:
+        opts += ["--cgroup", d]
+    if open_files:
+        opts += ["--nofile", str(open_files)]
+    if cpu_seconds:
         # SIGXCPU at the soft limit, SIGKILL a second later: per process; the spoke's
         # watchdog covers the whole tree.
-        resource.setrlimit(resource.RLIMIT_CPU, (opts.cpu, opts.cpu + 1))
-    try:
-        os.execvp(argv[0], argv)
-    except OSError as exc:
-        print(f"fleetwire-launch: cannot start {argv[0]!r}: {exc.strerror}", file=sys.stderr)
-        return 127
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+        opts += ["--cpu", str(cpu_seconds)]
+    return [SHELL, "-c", LAUNCHER, "fleetwire-launch", *opts, "--", *argv]

@@ -125,6 +125,18 @@ class AgentCgroups:
                 out["pids"] = int((self.dirs["pids"] / "pids.current").read_text())
         return out
 
+    def processes(self) -> list[procfs.ProcStat] | None:
+        """The agent's live processes as the kernel tracks them (everything it started
+        stays in its cgroups, setsid or not); None when there is no cgroup to ask."""
+        for d in self.dirs.values():
+            try:
+                pids = (d / "cgroup.procs").read_text().split()
+            except OSError:
+                continue
+            stats = (procfs.read_stat(int(pid)) for pid in pids)
+            return [st for st in stats if st is not None and st.alive]
+        return None
+
     def memory_limit_hit(self) -> bool:
         with contextlib.suppress(OSError, ValueError):
             if "memory" in self.dirs:

@@ -12,13 +12,13 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spoke import procfs
+from spoke.launch import launcher_argv
 from spoke.limits import AgentCgroups, Limits, cap_log, tree_usage
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ class _Running:
     kill_message_id: str = ""
     timed_out: bool = False
     escalated: bool = False
+    # The kill's last look found nothing of the agent left: no sweep needed after it.
+    cleared: bool = False
     # The running SIGTERM/grace/SIGKILL sequence, if one was started.
     terminator: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -145,8 +147,10 @@ class AgentSupervisor:
             # record says whether SIGKILL was needed.
             await run.terminator
         # Like a service manager: when the agent's first process is gone, what it left
-        # behind goes too.
-        await asyncio.to_thread(self._sweep, run.spec.agent_id, run.launched)
+        # behind goes too (unless a kill has just seen that nothing is left).
+        if not run.cleared:
+            await asyncio.to_thread(self._sweep, run.spec.agent_id, run.launched,
+                                    run.spec.cgroups)
         ending = self._ending(run, code)
         if run.spec.cgroups is not None:
             run.spec.cgroups.remove()
@@ -232,14 +236,14 @@ class AgentSupervisor:
             return
 
         async def sequence() -> None:
-            run.escalated = await terminate_processes(
-                run.spec.agent_id, run.launched, grace_seconds)
+            ended = await terminate_processes(
+                run.spec.agent_id, run.launched, grace_seconds, run.spec.cgroups)
+            run.escalated, run.cleared = ended.escalated, ended.cleared
 
         run.terminator = asyncio.create_task(sequence())
 
-    def _sweep(self, agent_id: str, launched: Launched) -> None:
-        left = procfs.agent_processes(launched.pid, launched.start_time, agent_id)
-        for proc in left:
+    def _sweep(self, agent_id: str, launched: Launched, cgroups: AgentCgroups | None) -> None:
+        for proc in members(agent_id, launched, cgroups):
             procfs.signal_process(proc, signal.SIGKILL)
 
     def detach(self) -> None:
@@ -274,25 +278,36 @@ def launch_argv(spec: LaunchSpec) -> list[str]:
     limits, groups = spec.limits, spec.cgroups
     if not (limits.open_files or limits.cpu_seconds or (groups and groups.dirs)):
         return spec.argv
-    shim = [sys.executable, "-I", "-m", "spoke.launch"]
-    for d in (groups.dirs.values() if groups else ()):
-        shim += ["--cgroup", str(d)]
-    if limits.open_files:
-        shim += ["--nofile", str(limits.open_files)]
-    if limits.cpu_seconds:
-        shim += ["--cpu", str(limits.cpu_seconds)]
-    return [*shim, "--", *spec.argv]
+    return launcher_argv(cgroups=[str(d) for d in (groups.dirs.values() if groups else ())],
+                         open_files=limits.open_files, cpu_seconds=limits.cpu_seconds,
+                         argv=spec.argv)
 
 
-async def terminate_processes(agent_id: str, launched: Launched, grace_seconds: float) -> bool:
+def members(agent_id: str, launched: Launched, cgroups: AgentCgroups | None,
+            newer_than: float | None = None) -> list[procfs.ProcStat]:
+    """The agent's live processes: from its cgroup when it has one (exact, and one small
+    read), else from a /proc pass that started at or after newer_than."""
+    found = cgroups.processes() if cgroups is not None else None
+    if found is not None:
+        return found
+    return procfs.agent_processes(launched.pid, launched.start_time, agent_id, newer_than)
+
+
+@dataclass(frozen=True)
+class Terminated:
+    escalated: bool  # SIGKILL was needed
+    cleared: bool  # the last look found none of the agent's processes alive
+
+
+async def terminate_processes(agent_id: str, launched: Launched, grace_seconds: float,
+                              cgroups: AgentCgroups | None = None) -> Terminated:
     """SIGTERM every process of the agent, wait up to grace, then SIGKILL until none is
-    left. Returns True if SIGKILL was needed."""
+    left."""
 
     def scan() -> list[procfs.ProcStat]:
-        """The agent's processes, from a /proc pass that started after this call (shared
-        with other kills asking at the same time)."""
-        return procfs.agent_processes(launched.pid, launched.start_time, agent_id,
-                                      time.monotonic())
+        """The agent's processes, seen after this call (a /proc pass is shared with
+        other kills asking at the same time)."""
+        return members(agent_id, launched, cgroups, time.monotonic())
 
     procs = await asyncio.to_thread(scan)
     for proc in procs:
@@ -304,7 +319,7 @@ async def terminate_processes(agent_id: str, launched: Launched, grace_seconds: 
         pause = min(pause * 2, POLL_SECONDS)
         procs = await asyncio.to_thread(scan)
     if not procs:
-        return False
+        return Terminated(escalated=False, cleared=True)
     sweep_until = time.monotonic() + KILL_SWEEP_SECONDS
     while procs and time.monotonic() < sweep_until:
         for proc in procs:
@@ -314,4 +329,4 @@ async def terminate_processes(agent_id: str, launched: Launched, grace_seconds: 
     if procs:
         log.error("agent %s: processes %s survived SIGKILL", agent_id,
                   [p.pid for p in procs])
-    return True
+    return Terminated(escalated=True, cleared=not procs)

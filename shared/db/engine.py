@@ -25,7 +25,12 @@ def make_engine(url: str, *, enforce_foreign_keys: bool = True) -> AsyncEngine:
     the old one, and with enforcement on that drop cascades into every table that points
     at it (rows of peer_keys vanished when peers was rebuilt).
     """
-    engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+    sqlite = url.startswith("sqlite")
+    # Every use of a connection goes through a session that ends its transaction before
+    # handing the connection back, so the pool's own reset (a second ROLLBACK, one more
+    # trip to SQLite's worker thread per session) is skipped for SQLite.
+    engine = create_async_engine(url, pool_pre_ping=not sqlite,
+                                 pool_reset_on_return=None if sqlite else "rollback")
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine.sync_engine, "connect")

@@ -10,7 +10,13 @@ import pytest
 from hub.client import HubClient
 from spoke.limits import LOG_CUT_MARK
 from tests.conftest import AGENTS, Federation, build_federation
-from tests.integration.helpers import eventually, processes_with_marker, read_pid, state
+from tests.integration.helpers import (
+    eventually,
+    pid_alive,
+    processes_with_marker,
+    read_pid,
+    state,
+)
 
 LIMIT_TEMPLATES = f'''
 [templates.busy]
@@ -36,6 +42,11 @@ grace_seconds = 1
 [templates.flood]
 argv = ["{{python}}", "{AGENTS / 'flood.py'}"]
 max_log_mb = 1
+grace_seconds = 1
+
+[templates.stubborn-limited]
+argv = ["{{python}}", "{AGENTS / 'stubborn.py'}"]
+max_processes = 20
 grace_seconds = 1
 
 [templates.few-files]
@@ -158,3 +169,21 @@ async def test_open_files_limit_is_set_for_the_agent(fed: Federation) -> None:
             return "nofile (64, 64)" in (await hub.logs(agent.agent_id)).text
 
         await eventually(printed, what="the agent to report its limit")
+
+
+async def test_kill_takes_the_escaped_grandchild_of_a_limited_agent(fed: Federation) -> None:
+    """With cgroups the kill finds the agent's processes in its cgroup (setsid does not
+    leave it); without, through /proc. Either way nothing is left."""
+    async with HubClient(fed.hub.address, fed.tokens["acme"]) as hub:
+        agent = await hub.spawn(spoke="spoke-lim", workspace="w", template="stubborn-limited",
+                                task="", params={})
+        workdir = fed.agent_workdir("spoke-lim", "acme", "w", agent.agent_id)
+        await eventually(lambda: read_pid(workdir / "grandchild.pid") is not None,
+                         timeout=30, what="the escaped grandchild to start")
+        grandchild = read_pid(workdir / "grandchild.pid")
+        assert grandchild is not None
+        killed = await hub.kill(agent.agent_id, grace_ms=500)
+    assert state(killed) == "KILLED"
+    assert "SIGKILL after the grace period" in killed.reason
+    assert not pid_alive(grandchild)
+    assert processes_with_marker(agent.agent_id) == []
