@@ -122,7 +122,7 @@ def _build(root: Path) -> tuple[LocalFederation, str, dict[str, str], dict[str, 
         f.write(BENCH_TEMPLATES)
     fed.cli("workspace", "create", "--home", str(spoke_home), "--tenant", "bench", "w")
     hub = fed.start("hub", "hub")
-    fed.trust("spoke", "hub", address=hub.address)
+    fed.trust("spoke", "hub", address=hub.peer_address)
     fed.cli("grant", "add", "--home", str(spoke_home), "--peer", "hub", "--tenant", "bench",
             "--max-role", "admin")
     spoke = fed.start("spoke", "spoke")

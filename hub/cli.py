@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,12 @@ import click
 
 from hub.client import HubClient
 from hub.daemon import run_hub
+from hub.join_cli import join_token
 from hub.remote import hub_options, iso_ms, with_hub
 from hub.token_cli import token
 from shared.cli import home_option, json_option, run_daemon
+from shared.config import Config
+from shared.daemon import with_port
 from shared.errors import InvalidArgument
 from shared.pb.v1 import operator_pb2, wire_pb2
 
@@ -29,9 +33,24 @@ def hub() -> None:
 @home_option
 @click.option("--listen", default=None, help="HOST:PORT of the operator API (port 0: any "
               "free port); default from config.toml [hub] listen.")
-def hub_run(home: Path, listen: str | None) -> None:
+@click.option("--peer-listen", default=None, help="HOST:PORT where spokes reach the hub "
+              "(mutual TLS); default [hub] peer_listen, or port 0 on the --listen host "
+              "when --listen has port 0.")
+@click.option("--insecure", is_flag=True, help="Plaintext between instances (and for "
+              "operators): only on loopback addresses, for trying things out.")
+@click.option("--operator-tls", is_flag=True, help="Serve the operator API with TLS on a "
+              "loopback address too (it always is elsewhere).")
+def hub_run(home: Path, listen: str | None, peer_listen: str | None, insecure: bool,
+            operator_tls: bool) -> None:
     """Run the hub daemon until SIGTERM or SIGINT."""
-    run_daemon(home, lambda cfg: run_hub(cfg, listen or cfg.hub.listen))
+
+    def runner(cfg: Config) -> Coroutine[Any, Any, None]:
+        op = listen or cfg.hub.listen
+        peers = peer_listen or (with_port(op, 0) if listen and op.endswith(":0")
+                                else cfg.hub.peer_listen)
+        return run_hub(cfg, op, peers, insecure=insecure, operator_tls=operator_tls)
+
+    run_daemon(home, runner)
 
 
 def agent_json(a: wire_pb2.Agent) -> dict[str, Any]:
@@ -277,7 +296,7 @@ def bench(quick: bool, as_json: bool) -> None:
 
 def register(root: click.Group) -> None:
     """Add the hub's commands; `spoke list` joins the spoke group, so register after it."""
-    for cmd in (token, hub, agent, demo, bench):
+    for cmd in (token, hub, agent, demo, bench, join_token):
         root.add_command(cmd)
     spoke_group = root.commands["spoke"]
     assert isinstance(spoke_group, click.Group)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -13,22 +15,65 @@ from shared.pb.v1 import operator_pb2, operator_pb2_grpc, wire_pb2
 from shared.peers import check_address
 from shared.rpc import open_channel
 from shared.scope import Role
+from shared.tls import (
+    FINGERPRINT_PREFIX,
+    certificate_name,
+    check_certificate,
+    fetch_certificate,
+    is_loopback,
+    pinned_certificate,
+    self_signed,
+)
 
 CALL_TIMEOUT_SECONDS = 60.0
 
 
+def _trust(address: str, ca: str) -> tuple[grpc.ChannelCredentials | None, str]:
+    """Channel credentials for --hub-ca (None: plaintext) and the TLS name to check."""
+    if not ca:
+        return None, ""
+    if ca.startswith(FINGERPRINT_PREFIX):
+        cert = pinned_certificate(address, ca, "the hub")
+        if cert is None:
+            raise InvalidArgument(f"the hub at {address} does not speak TLS, but --hub-ca "
+                                  "asks for it; check the address")
+        return grpc.ssl_channel_credentials(root_certificates=cert), certificate_name(cert)
+    try:
+        pem = Path(ca).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"--hub-ca {ca}: {exc.strerror}; give the hub's tls.crt or "
+                              "sha256:FINGERPRINT") from None
+    check_certificate(pem, f"--hub-ca {ca}")
+    # A Fleetwire certificate names the hub, not the host: check that name. A CA's
+    # certificate is checked against the address as usual.
+    name = certificate_name(pem) if self_signed(pem) else ""
+    return grpc.ssl_channel_credentials(root_certificates=pem), name
+
+
 class HubClient:
-    def __init__(self, address: str, token: str) -> None:
+    """The operator API over one channel. `ca` is how the hub's TLS certificate is
+    trusted: a PEM file (the hub's tls.crt, or a CA's), or `sha256:HEX` to pin the
+    certificate itself; without one, only a loopback hub is reached, in plaintext: a
+    bearer token never crosses a network unencrypted."""
+
+    def __init__(self, address: str, token: str, ca: str = "") -> None:
         if not address:
             raise InvalidArgument("no hub address; pass --hub HOST:PORT or set FLEETWIRE_HUB")
         if not token:
             raise InvalidArgument("no operator token; pass --token or set FLEETWIRE_TOKEN")
         self._address = check_address(address)
+        if not ca and not is_loopback(address):
+            raise InvalidArgument(
+                f"refusing to send an operator token in plaintext to {address} (not a "
+                "loopback address): pass --hub-ca with the hub's tls.crt or its sha256: "
+                "fingerprint (or set FLEETWIRE_HUB_CA)")
+        self._ca = ca
         self._metadata = (("authorization", f"Bearer {token}"),)
-        self._channel = open_channel(address, KeepAliveConfig())
-        self._stub = operator_pb2_grpc.OperatorServiceStub(self._channel)
 
     async def __aenter__(self) -> HubClient:
+        creds, name = await asyncio.to_thread(_trust, self._address, self._ca)
+        self._channel = open_channel(self._address, KeepAliveConfig(), creds, name)
+        self._stub = operator_pb2_grpc.OperatorServiceStub(self._channel)
         return self
 
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None
@@ -40,6 +85,11 @@ class HubClient:
             return await getattr(self._stub, method)(
                 request, metadata=self._metadata, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
+            if (exc.code() == grpc.StatusCode.UNAVAILABLE and not self._ca
+                    and await asyncio.to_thread(fetch_certificate, self._address)):
+                raise InvalidArgument(
+                    f"{self._address} speaks TLS: pass --hub-ca with the hub's tls.crt or its "
+                    "sha256: fingerprint (see `fleetwire identity show` on the hub)") from None
             err: FleetwireError = from_rpc_error(exc, target=f"the hub at {self._address}")
             raise err from None
 

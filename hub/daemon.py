@@ -2,45 +2,81 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from hub.dispatch import SpokeDispatcher
 from hub.events import AgentEvents
+from hub.join import JoinService
 from hub.operator import HubOperator
 from hub.peer_service import HubPeerService
 from hub.registry import HubRegistry
 from hub.service import OperatorService
 from shared.audit import AuditTrail
 from shared.config import Config
-from shared.daemon import add_health, announce, serve_until_stopped
+from shared.daemon import add_health, announce, peer_certs, serve_until_stopped, with_port
 from shared.db.engine import make_engine, make_sessions
+from shared.errors import InvalidArgument
 from shared.identity import load_identity
 from shared.inbox import EnvelopeInbox
 from shared.pb.v1 import operator_pb2_grpc, wire_pb2_grpc
 from shared.peers import DbKeyring
 from shared.replay import MessageMemory
-from shared.rpc import start_server
+from shared.rpc import Listen, refuse_plaintext_off_loopback, start_server
+from shared.tls import is_loopback
 
 
-async def run_hub(cfg: Config, listen: str) -> None:
+async def run_hub(cfg: Config, listen: str, peer_listen: str, *, insecure: bool = False,
+                  operator_tls: bool = False) -> None:
+    """Serve operators on `listen` (TLS unless it is loopback and operator_tls is off)
+    and spokes on `peer_listen` (mutual TLS unless insecure)."""
     identity = load_identity(cfg.name, cfg.key_path)
+    if insecure:
+        refuse_plaintext_off_loopback(peer_listen, "the hub's peer API")
+        if operator_tls:
+            raise InvalidArgument("--operator-tls needs TLS; drop --insecure")
     engine = make_engine(cfg.db_url)
     sessions = make_sessions(engine)
+    certs = await peer_certs(cfg, sessions, insecure)
+    operator_creds = None
+    if certs is not None and (operator_tls or not is_loopback(listen)):
+        operator_creds = certs.server_tls()
+    elif not is_loopback(listen):
+        refuse_plaintext_off_loopback(listen, "the hub's operator API")
     keyring = DbKeyring(sessions)
-    dispatcher = SpokeDispatcher(cfg, identity, keyring)
+    dispatcher = SpokeDispatcher(cfg, identity, keyring, certs)
     trail = AuditTrail(sessions)
     memory = MessageMemory(sessions)
     registry = HubRegistry(trail, AgentEvents())
     service = OperatorService(trail, HubOperator(cfg, trail, dispatcher, registry))
     inbox = EnvelopeInbox(identity, keyring, memory, trail,
-                          skew_ms=cfg.wire.max_clock_skew_seconds * 1000)
+                          skew_ms=cfg.wire.max_clock_skew_seconds * 1000,
+                          mutual_tls=certs is not None)
     peers = HubPeerService(inbox, trail, registry)
-    server, port = await start_server(listen, [
+    bound: dict[str, int] = {}
+    joins = (JoinService(trail, identity, certs.own, lambda: bound["peer_port"], certs.refresh)
+             if certs is not None else None)
+    # One server, two ports: operators (bearer tokens; server TLS off loopback) and
+    # peers (mutual TLS). Each service is reachable on both, but a peer's envelope is
+    # refused without a pinned client certificate, and operators need a token anyway.
+    server, (port, peer_port) = await start_server([
+        Listen(listen, operator_creds),
+        Listen(peer_listen, certs.mutual_tls() if certs is not None else None),
+    ], [
         lambda s: operator_pb2_grpc.add_OperatorServiceServicer_to_server(service, s),
         lambda s: wire_pb2_grpc.add_HubPeerServiceServicer_to_server(peers, s),
+        lambda s: wire_pb2_grpc.add_JoinServiceServicer_to_server(
+            joins or wire_pb2_grpc.JoinServiceServicer(), s),
         lambda s: add_health(s, "fleetwire.v1.OperatorService"),
     ], cfg.keepalive)
-    announce("hub", cfg, listen.rpartition(":")[0], port)
+    bound["peer_port"] = peer_port
+    announce("hub", cfg, listen.rpartition(":")[0], port,
+             peers=with_port(peer_listen, peer_port))
+    refreshing = (asyncio.create_task(certs.keep_fresh(), name="peer-certs")
+                  if certs is not None else None)
 
     async def on_stop() -> None:
+        if refreshing is not None:
+            refreshing.cancel()
         await dispatcher.close()
         await engine.dispose()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import shlex
 import shutil
@@ -25,6 +26,7 @@ from spoke import procfs
 
 FLEETWIRE = [sys.executable, "-m", "shared.cli"]
 READY_TIMEOUT_SECONDS = 30.0
+READY_RE = re.compile(r" listening on (?P<address>\S+)(?: peers on (?P<peers>\S+))?")
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Daemon:
     home: Path
     proc: subprocess.Popen[str]
     address: str
+    # Where other instances reach it (the hub's peer port; a spoke's only address).
+    peer_address: str = ""
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then wait; SIGKILL only if it does not stop in time."""
@@ -91,20 +95,24 @@ class LocalFederation:
         return str(json.loads(out)["public_key"])
 
     def trust(self, truster: str, peer: str, address: str = "") -> None:
+        """`peer add` by hand: the peer's public key and its pinned TLS certificate."""
         args = ["peer", "add", "--home", str(self.homes[truster]), "--name", peer,
-                "--public-key", self.public_key(peer)]
+                "--public-key", self.public_key(peer),
+                "--tls-cert", str(self.homes[peer] / "tls.crt")]
         self.cli(*args, *(["--address", address] if address else []))
 
-    def start(self, role: str, name: str, listen: str = "127.0.0.1:0") -> Daemon:
-        """Start `fleetwire ROLE run` and wait for its ready line."""
+    def start(self, role: str, name: str, listen: str = "127.0.0.1:0",
+              *options: str) -> Daemon:
+        """Start `fleetwire ROLE run [OPTIONS]` and wait for its ready line."""
         home = self.homes[name]
         log = open(home / f"{role}.log", "a")  # noqa: SIM115 (kept open by the child)
         proc = subprocess.Popen(
-            [*FLEETWIRE, role, "run", "--home", str(home), "--listen", listen],
+            [*FLEETWIRE, role, "run", "--home", str(home), "--listen", listen, *options],
             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
         log.close()
-        address = _read_ready_line(proc, home / f"{role}.log")
-        daemon = Daemon(role=role, name=name, home=home, proc=proc, address=address)
+        address, peer_address = _read_ready_line(proc, home / f"{role}.log")
+        daemon = Daemon(role=role, name=name, home=home, proc=proc, address=address,
+                        peer_address=peer_address or address)
         self.daemons.append(daemon)
         if self.echo:
             self.echo(f"  {role} '{name}' serving on {address}")
@@ -145,7 +153,8 @@ class LocalFederation:
                 procfs.signal_process(proc, signal.SIGKILL)
 
 
-def _read_ready_line(proc: subprocess.Popen[str], log_path: Path) -> str:
+def _read_ready_line(proc: subprocess.Popen[str], log_path: Path) -> tuple[str, str]:
+    """(the address it listens on, where peers reach it if that differs, else "")."""
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
@@ -154,8 +163,9 @@ def _read_ready_line(proc: subprocess.Popen[str], log_path: Path) -> str:
         while time.monotonic() < deadline:
             if sel.select(timeout=deadline - time.monotonic()):
                 line = proc.stdout.readline()
-                if " listening on " in line:
-                    return line.strip().rsplit(" ", 1)[1]
+                ready = READY_RE.search(line)
+                if ready:
+                    return ready["address"], ready["peers"] or ""
                 if not line:
                     break
     finally:
@@ -205,7 +215,7 @@ def run_demo(*, keep: bool = False) -> None:
               "tenants")
         hub = fed.start("hub", "hub")
         for spoke in ("spoke-a", "spoke-b"):
-            fed.trust(spoke, "hub", address=hub.address)
+            fed.trust(spoke, "hub", address=hub.peer_address)
             for tenant in ("acme", "globex"):
                 fed.cli("grant", "add", "--home", str(fed.homes[spoke]), "--peer", "hub",
                         "--tenant", tenant)

@@ -29,7 +29,7 @@ from shared.errors import (
 )
 from shared.identity import Identity
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
-from shared.rpc import PeerChannels
+from shared.rpc import PeerCerts, PeerChannels
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,15 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class SpokeDispatcher:
-    def __init__(self, cfg: Config, identity: Identity, keyring: Keyring) -> None:
+    def __init__(self, cfg: Config, identity: Identity, keyring: Keyring,
+                 certs: PeerCerts | None) -> None:
         self._cfg = cfg
         self._identity = identity
         self._keyring = keyring
-        self._channels = PeerChannels(cfg.keepalive)
+        self._channels = PeerChannels(cfg.keepalive, certs)
 
-    def _stub(self, spoke: str, address: str) -> wire_pb2_grpc.SpokeServiceStub:
-        return wire_pb2_grpc.SpokeServiceStub(self._channels.get(spoke, address))
+    async def _stub(self, spoke: str, address: str) -> wire_pb2_grpc.SpokeServiceStub:
+        return wire_pb2_grpc.SpokeServiceStub(await self._channels.get(spoke, address))
 
     def seal(self, spoke: str, command: wire_pb2.Command) -> tuple[str, wire_pb2.SignedEnvelope]:
         """Sign a command for a spoke once; returns its message_id and the envelope."""
@@ -66,7 +67,7 @@ class SpokeDispatcher:
                       signed: wire_pb2.SignedEnvelope, *,
                       extra_timeout: float = 0.0) -> wire_pb2.Response:
         """Send with retries (same bytes), verify the signed answer, raise its Error."""
-        stub = self._stub(spoke, address)
+        stub = await self._stub(spoke, address)
         retry = self._cfg.retry
         try:
             async for attempt in AsyncRetrying(

@@ -49,8 +49,8 @@ def _done(action: str, agent: wire_pb2.Agent, spoke: str, message_id: str,
 
 
 def _not_found_spoke(spoke: str) -> NotFound:
-    return NotFound(f"spoke '{spoke}' not found; the hub knows it only after `fleetwire peer "
-                    "add --address`")
+    return NotFound(f"spoke '{spoke}' not found or not active; see `fleetwire spoke list` "
+                    "(a spoke is known once it joined, and reachable once it has an address)")
 
 
 class HubOperator:

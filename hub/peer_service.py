@@ -10,14 +10,17 @@ from __future__ import annotations
 import logging
 
 import grpc
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.registry import HubRegistry
-from shared.audit import AuditTrail
+from shared.audit import ALLOWED, AuditEntry, AuditTrail, append_audit
 from shared.db import models
 from shared.envelope import OpenedEnvelope, now_ms
+from shared.errors import InvalidArgument
 from shared.inbox import EnvelopeInbox
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
+from shared.peers import check_address
 
 log = logging.getLogger(__name__)
 
@@ -48,4 +51,23 @@ class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
         async with self._trail.transaction() as session:
             await session.execute(update(models.Peer).where(
                 models.Peer.name == env.sender).values(last_heartbeat_ms=now_ms()))
+            if env.WhichOneof("body") == "heartbeat" and env.heartbeat.address:
+                await self._follow_address(session, env.sender, env.heartbeat.address)
         return wire_pb2.Response(ack=wire_pb2.Ack())
+
+    async def _follow_address(self, session: AsyncSession, spoke: str, address: str) -> None:
+        """A spoke says where it listens (it may have restarted on another port). Safe to
+        follow: the hub only ever accepts that spoke's pinned certificate there."""
+        try:
+            check_address(address)
+        except InvalidArgument:
+            log.warning("spoke %s advertised a malformed address %r; ignored", spoke, address)
+            return
+        peer = (await session.execute(
+            select(models.Peer).where(models.Peer.name == spoke))).scalar_one()
+        if peer.address != address:
+            log.info("spoke %s now at %s (was %s)", spoke, address, peer.address or "-")
+            await append_audit(session, AuditEntry(
+                action="peer.address", outcome=ALLOWED, peer=spoke, target=address,
+                reason=f"advertised in a heartbeat (was {peer.address or 'unset'})"))
+            peer.address = address

@@ -11,18 +11,22 @@ from typing import Any, TypeVar
 import click
 
 from hub.client import HubClient
+from shared.cli import hub_ca, hub_ca_option
 
 T = TypeVar("T")
 
 
 def with_hub(hub_addr: str, tok: str, fn: Callable[[HubClient], Awaitable[T]]) -> T:
+    ca = hub_ca()
+
     async def go() -> T:
-        async with HubClient(hub_addr, tok) as client:
+        async with HubClient(hub_addr, tok, ca) as client:
             return await fn(client)
     return asyncio.run(go())
 
 
 def hub_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = hub_ca_option(f)
     f = click.option("--hub", "hub_addr", envvar="FLEETWIRE_HUB", default="",
                      help="The hub's operator address HOST:PORT (or FLEETWIRE_HUB).")(f)
     return click.option("--token", "tok", envvar="FLEETWIRE_TOKEN", default="",

@@ -25,8 +25,9 @@ from shared.config import Config, check_name, default_config_text, load_config
 from shared.db.engine import make_engine, make_sessions, upgrade
 from shared.errors import FleetwireError, InvalidArgument, Unavailable
 from shared.identity import decode_public_key, generate_key_file, load_identity
-from shared.peers import add_peer, list_peers
+from shared.peers import add_peer, change_peer_state, list_peers
 from shared.tenancy import create_tenant, create_workspace, list_tenants
+from shared.tls import check_certificate, fingerprint, load_tls_identity, make_certificate
 
 T = TypeVar("T")
 
@@ -47,6 +48,28 @@ def home_option(f: Callable[..., Any]) -> Callable[..., Any]:
         "--home", required=True, envvar="FLEETWIRE_HOME",
         type=click.Path(file_okay=False, path_type=Path),
         help="The instance's folder (or FLEETWIRE_HOME).")(f)
+
+
+_HUB_CA = "fleetwire.hub_ca"
+
+
+def hub_ca_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--hub-ca (or FLEETWIRE_HUB_CA): how the CLI trusts the hub's TLS certificate."""
+
+    def remember(ctx: click.Context, _param: click.Parameter, value: str) -> str:
+        ctx.meta[_HUB_CA] = value or ""
+        return value
+
+    return click.option(
+        "--hub-ca", envvar="FLEETWIRE_HUB_CA", default="", expose_value=False,
+        callback=remember,
+        help="The hub's TLS certificate file (its tls.crt, or a CA's), or sha256:FINGERPRINT "
+             "to pin it (or FLEETWIRE_HUB_CA). Needed for a hub off loopback.")(f)
+
+
+def hub_ca() -> str:
+    ctx = click.get_current_context(silent=True)
+    return str(ctx.meta.get(_HUB_CA, "")) if ctx is not None else ""
 
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -120,11 +143,13 @@ def init(home: Path, name: str) -> None:
     generate_key_file(home / "identity.key")
     (home / "config.toml").write_text(default_config_text(name))
     cfg = load_config(home)
+    make_certificate(name, cfg.tls_key_path, cfg.tls_cert_path)
     upgrade(cfg.db_url)
     ident = load_identity(name, cfg.key_path)
     with_session(home, lambda s, _: append_audit(s, audited(
         "instance.init", target=name, reason=f"key_id {ident.key_id}")))
-    click.echo(f"initialized '{name}' in {home} (key_id {ident.key_id})")
+    click.echo(f"initialized '{name}' in {home} (key_id {ident.key_id}, TLS "
+               f"{fingerprint(cfg.tls_cert_path.read_bytes())})")
 
 
 @root.group()
@@ -136,12 +161,17 @@ def identity() -> None:
 @home_option
 @json_option
 def identity_show(home: Path, as_json: bool) -> None:
-    """Print name, key_id and public key (base64 of the raw 32 bytes)."""
+    """Print name, key_id, public key (base64 of the raw 32 bytes) and the TLS
+    certificate (file and fingerprint) peers pin."""
     cfg = load_config(home)
     ident = load_identity(cfg.name, cfg.key_path)
-    obj = {"name": ident.name, "key_id": ident.key_id, "public_key": ident.public_key_b64}
-    emit(obj, as_json, f"name        {ident.name}\nkey_id      {ident.key_id}\n"
-                       f"public_key  {ident.public_key_b64}")
+    tls = load_tls_identity(cfg.tls_key_path, cfg.tls_cert_path)
+    obj = {"name": ident.name, "key_id": ident.key_id, "public_key": ident.public_key_b64,
+           "tls_cert": str(cfg.tls_cert_path), "tls_fingerprint": tls.fingerprint}
+    emit(obj, as_json, f"name             {ident.name}\nkey_id           {ident.key_id}\n"
+                       f"public_key       {ident.public_key_b64}\n"
+                       f"tls_cert         {cfg.tls_cert_path}\n"
+                       f"tls_fingerprint  {tls.fingerprint}")
 
 
 @root.group()
@@ -153,27 +183,67 @@ def peer() -> None:
 @home_option
 @click.option("--name", required=True)
 @click.option("--public-key", required=True, help="Base64, from the peer's `identity show`.")
+@click.option("--tls-cert", "tls_cert", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="The peer's TLS certificate (its tls.crt): pinned, the only "
+                                 "one accepted for it. Needed unless both run --insecure.")
 @click.option("--address", default="", help="HOST:PORT, for peers this one sends to.")
-def peer_add(home: Path, name: str, public_key: str, address: str) -> None:
-    """Trust a peer's signing key."""
+def peer_add(home: Path, name: str, public_key: str, tls_cert: Path | None,
+             address: str) -> None:
+    """Trust a peer by hand (where `fleetwire join` cannot be used)."""
     raw = decode_public_key(public_key)
+    cert = check_certificate(_read(tls_cert, "--tls-cert"), str(tls_cert)) if tls_cert else None
     info = with_session(home, lambda s, _: add_peer(s, name=name, public_key=raw,
-                                                     address=address),
+                                                     address=address, tls_cert=cert),
                         audited("peer.add", peer=name, target=address))
     click.echo(f"added peer '{info.name}' (key_id {info.key_ids[0]})"
-               + (f" at {info.address}" if info.address else ""))
+               + (f" at {info.address}" if info.address else "")
+               + (f", TLS {info.tls_fingerprint}" if info.tls_fingerprint else ""))
+
+
+def _read(path: Path, option: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"{option} {path}: {exc.strerror}") from None
 
 
 @peer.command("list")
 @home_option
 @json_option
 def peer_list(home: Path, as_json: bool) -> None:
-    """List peers."""
+    """List peers: state, address, signing keys in use, pinned TLS certificate."""
     peers = with_session(home, lambda s, _: list_peers(s))
-    obj = [{"name": p.name, "address": p.address, "state": p.state, "key_ids": list(p.key_ids)}
-           for p in peers]
-    emit(obj, as_json, "\n".join(f"{p.name:<20} {p.state:<8} {p.address or '-':<22} "
-                                 f"{','.join(p.key_ids)}" for p in peers) or "no peers")
+    obj = [{"name": p.name, "address": p.address, "state": p.state, "key_ids": list(p.key_ids),
+            "tls_fingerprint": p.tls_fingerprint} for p in peers]
+    emit(obj, as_json, "\n".join(f"{p.name:<20} {p.state:<9} {p.address or '-':<22} "
+                                 f"{','.join(p.key_ids) or '-':<34} "
+                                 f"{p.tls_fingerprint[:23] or 'no TLS'}" for p in peers)
+         or "no peers")
+
+
+_PEER_MOVES = {
+    "suspend": ("suspended", "Stop accepting a peer's messages until `peer resume` (from its "
+                             "next message on)."),
+    "resume": ("resumed", "Accept a suspended or pending peer's messages again."),
+    "revoke": ("revoked", "Stop trusting a peer for good: its keys and certificate are "
+                          "refused from its next message on."),
+}
+
+
+def _peer_move(move: str) -> None:
+    past, doc = _PEER_MOVES[move]
+
+    @peer.command(move, help=doc)
+    @home_option
+    @click.argument("name")
+    def command(home: Path, name: str) -> None:
+        info = with_session(home, lambda s, _: change_peer_state(s, name, move),
+                            audited(f"peer.{move}", peer=name, target=name))
+        click.echo(f"{past} peer '{info.name}': now {info.state}")
+
+
+for _move in _PEER_MOVES:
+    _peer_move(_move)
 
 
 @root.group()
@@ -217,6 +287,7 @@ def workspace() -> None:
               help="The hub's operator address (or FLEETWIRE_HUB).")
 @click.option("--token", "tok", envvar="FLEETWIRE_TOKEN", default="",
               help="A tenant admin's token (or FLEETWIRE_TOKEN).")
+@hub_ca_option
 @click.option("--max-agents", type=click.IntRange(min=1), default=None,
               help="Most agents that may run at once in it (on a spoke).")
 @click.argument("slug")
@@ -232,7 +303,7 @@ def workspace_create(home: Path | None, tenant_slug: str | None, spoke: str | No
         from hub.client import HubClient
 
         async def remote() -> None:
-            async with HubClient(hub_addr, tok) as client:
+            async with HubClient(hub_addr, tok, hub_ca()) as client:
                 made = await client.create_workspace(spoke=spoke, workspace=slug,
                                                      max_agents=max_agents or 0)
             click.echo(f"created workspace '{made.workspace}' in tenant '{made.tenant}' on "

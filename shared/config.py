@@ -70,6 +70,8 @@ class KeepAliveConfig:
 @dataclass(frozen=True)
 class HubConfig:
     listen: str = "127.0.0.1:7400"
+    # Where spokes reach the hub (mutual TLS): status reports, heartbeats, key news.
+    peer_listen: str = "127.0.0.1:7402"
     # A spoke without a heartbeat for this long is OFFLINE (3 spoke heartbeats by default).
     offline_after_seconds: float = 15.0
 
@@ -137,6 +139,14 @@ class Config:
     @property
     def key_path(self) -> Path:
         return self.home / "identity.key"
+
+    @property
+    def tls_key_path(self) -> Path:
+        return self.home / "tls.key"
+
+    @property
+    def tls_cert_path(self) -> Path:
+        return self.home / "tls.crt"
 
     @property
     def db_url(self) -> str:
@@ -296,15 +306,17 @@ max_clock_skew_seconds = 60
 message_retention_seconds = 86400
 
 [hub]
-# Operator API address of `fleetwire hub run` (port 0: any free port). Spokes send
-# their status reports and heartbeats to the same address.
+# Operator API (and `fleetwire join`) address of `fleetwire hub run` (port 0: any free
+# port). Served with TLS whenever it is not a loopback address.
 listen = "127.0.0.1:7400"
+# Where spokes send status reports and heartbeats: mutual TLS with pinned certificates.
+peer_listen = "127.0.0.1:7402"
 # A spoke that sent no heartbeat for this long is shown OFFLINE and commands to it fail
 # fast with UNAVAILABLE.
 offline_after_seconds = 15
 
 [spoke]
-# Command API address of `fleetwire spoke run`.
+# Command API address of `fleetwire spoke run` (mutual TLS with pinned certificates).
 listen = "127.0.0.1:7401"
 workspaces_dir = "workspaces"
 max_grace_seconds = 300

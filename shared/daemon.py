@@ -10,10 +10,14 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.config import Config
 from shared.envelope import now_ms
+from shared.peers import check_address
 from shared.replay import MessageMemory
+from shared.rpc import PeerCerts
+from shared.tls import load_tls_identity, make_certificate
 
 log = logging.getLogger("fleetwire")
 
@@ -34,9 +38,38 @@ def add_health(server: grpc.aio.Server, service: str) -> None:
         servicer.set(service, health_pb2.HealthCheckResponse.SERVING))
 
 
-def announce(role: str, cfg: Config, host: str, port: int) -> None:
+def announce(role: str, cfg: Config, host: str, port: int, peers: str = "") -> None:
     """The line tests and scripts wait for: the daemon is serving on this port."""
-    print(f"fleetwire {role} '{cfg.name}' listening on {host}:{port}", flush=True)
+    print(f"fleetwire {role} '{cfg.name}' listening on {host}:{port}"
+          + (f" peers on {peers}" if peers else ""), flush=True)
+
+
+async def peer_certs(cfg: Config, sessions: async_sessionmaker[AsyncSession],
+                     insecure: bool) -> PeerCerts | None:
+    """This instance's TLS identity and its peers' pinned certificates; None with
+    --insecure (plaintext). A home made before TLS gets its certificate now."""
+    if insecure:
+        log.warning("--insecure: traffic between instances is plaintext (loopback only)")
+        return None
+    if not cfg.tls_key_path.exists() and not cfg.tls_cert_path.exists():
+        make_certificate(cfg.name, cfg.tls_key_path, cfg.tls_cert_path)
+        log.info("made a TLS certificate for '%s' in %s", cfg.name, cfg.tls_cert_path)
+    certs = PeerCerts(sessions, load_tls_identity(cfg.tls_key_path, cfg.tls_cert_path))
+    await certs.refresh()
+    return certs
+
+
+def with_port(address: str, port: int) -> str:
+    return f"{address.rpartition(':')[0]}:{port}"
+
+
+def advertised(listen: str, port: int, advertise: str) -> str:
+    """Where peers reach this daemon: --advertise, else the bound address unless it is a
+    wildcard (then nobody can tell, and "" is said)."""
+    if advertise:
+        return check_address(advertise)
+    host = listen.rpartition(":")[0].strip("[]")
+    return "" if host in ("", "0.0.0.0", "::") else with_port(listen, port)
 
 
 async def serve_until_stopped(

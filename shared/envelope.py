@@ -43,6 +43,9 @@ class PeerKey:
     key_id: str
     key_active: bool
     public_key: bytes
+    peer_state: str = "ACTIVE"
+    # sha256:HEX of the peer's pinned TLS certificate ("" if none is recorded).
+    tls_fingerprint: str = ""
 
 
 class Keyring(Protocol):
@@ -56,6 +59,8 @@ class OpenedEnvelope:
     envelope: wire_pb2.Envelope
     # The exact bytes that were verified: what replay memory hashes.
     raw: bytes
+    # The signer's pinned TLS certificate (sha256:HEX; "" if none is recorded).
+    sender_tls_fingerprint: str = ""
 
 
 def seal_envelope(
@@ -118,7 +123,9 @@ async def open_envelope(
             "`fleetwire peer add`"
         )
     if not key.peer_active:
-        raise Unauthenticated(f"envelope rejected: peer '{key.peer_name}' is not active")
+        raise Unauthenticated(
+            f"envelope rejected: peer '{key.peer_name}' is {key.peer_state.lower()}, not "
+            "active; see `fleetwire peer list`")
     if not key.key_active:
         raise Unauthenticated(
             f"envelope rejected: key '{key.key_id}' of '{key.peer_name}' is not active"
@@ -153,4 +160,4 @@ async def open_envelope(
         )
     if not env.message_id or len(env.message_id) > 64:
         raise InvalidArgument("envelope rejected: message_id must be 1 to 64 characters")
-    return OpenedEnvelope(envelope=env, raw=raw)
+    return OpenedEnvelope(envelope=env, raw=raw, sender_tls_fingerprint=key.tls_fingerprint)

@@ -13,22 +13,26 @@ import grpc
 
 from shared.audit import REFUSED, AuditEntry, AuditTrail
 from shared.envelope import Keyring, OpenedEnvelope, open_envelope, seal_envelope
-from shared.errors import FleetwireError, InvalidArgument, abort
+from shared.errors import FleetwireError, InvalidArgument, Unauthenticated, abort
 from shared.identity import Identity
 from shared.pb.v1 import wire_pb2
 from shared.replay import MessageMemory
+from shared.tls import fingerprint
 
 Answer = Callable[[OpenedEnvelope], Awaitable[wire_pb2.Response]]
 
 
 class EnvelopeInbox:
     def __init__(self, identity: Identity, keyring: Keyring, memory: MessageMemory,
-                 trail: AuditTrail, skew_ms: int) -> None:
+                 trail: AuditTrail, skew_ms: int, *, mutual_tls: bool) -> None:
         self._identity = identity
         self._keyring = keyring
         self._memory = memory
         self._trail = trail
         self._skew_ms = skew_ms
+        # With TLS, the certificate a peer connected with must be the one pinned in the
+        # record of the key that signed: one identity, not two that could disagree.
+        self._mutual_tls = mutual_tls
 
     async def deliver(self, request: wire_pb2.SignedEnvelope,
                       context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
@@ -37,6 +41,8 @@ class EnvelopeInbox:
         try:
             opened = await open_envelope(request, keyring=self._keyring,
                                          me=self._identity.name, skew_ms=self._skew_ms)
+            if self._mutual_tls:
+                _check_tls_binding(opened, context)
             if opened.envelope.WhichOneof("body") not in accepts:
                 raise InvalidArgument(refusal)
             sealed = await self._memory.once(opened, lambda: self._sealed(opened, answer))
@@ -53,3 +59,20 @@ class EnvelopeInbox:
         response = await answer(opened)
         return seal_envelope(self._identity, recipient=env.sender, response=response,
                              in_reply_to=env.message_id).SerializeToString()
+
+
+def _check_tls_binding(opened: OpenedEnvelope, context: grpc.aio.ServicerContext) -> None:
+    presented = (context.auth_context() or {}).get("x509_pem_cert") or []
+    if not presented:
+        raise Unauthenticated(
+            "envelope rejected: no TLS client certificate; peers connect to this port with "
+            "mutual TLS (the operator API is elsewhere)")
+    sender = opened.envelope.sender
+    if not opened.sender_tls_fingerprint:
+        raise Unauthenticated(
+            f"envelope rejected: no TLS certificate is pinned for '{sender}'; add it with "
+            "`fleetwire peer add --tls-cert` or join again")
+    if fingerprint(presented[0]) != opened.sender_tls_fingerprint:
+        raise Unauthenticated(
+            f"envelope rejected: the TLS certificate of this connection is not the one "
+            f"pinned for '{sender}'")

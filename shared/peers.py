@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -11,10 +12,19 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.config import check_name
 from shared.db import models
 from shared.envelope import PeerKey, now_ms
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, NotFound
 from shared.identity import key_id_for
+from shared.tls import fingerprint
 
+# Peer states. Only an ACTIVE peer's messages are accepted; REVOKED is for good.
+PENDING = "PENDING"
 ACTIVE = "ACTIVE"
+SUSPENDED = "SUSPENDED"
+REVOKED = "REVOKED"
+
+# A peer may have this many signing keys in use at once (current + rotated-away ones
+# still in their grace period).
+MAX_ACTIVE_KEYS = 3
 
 
 @dataclass(frozen=True)
@@ -23,17 +33,26 @@ class PeerInfo:
     address: str
     state: str
     key_ids: tuple[str, ...]
+    tls_fingerprint: str = ""
+
+
+def key_in_use(key: models.PeerKey, now: int) -> bool:
+    """Active, and not past the grace period of a rotation away from it."""
+    return key.state == ACTIVE and (key.expires_at_ms is None or now < key.expires_at_ms)
 
 
 async def add_peer(
-    session: AsyncSession, *, name: str, public_key: bytes, address: str = ""
+    session: AsyncSession, *, name: str, public_key: bytes, address: str = "",
+    tls_cert: bytes | None = None, state: str = ACTIVE,
 ) -> PeerInfo:
-    """Register a peer with one active key; an existing name is refused."""
+    """Register a peer with one active key (and its pinned TLS certificate); an existing
+    name or key is refused."""
     check_name("peer name", name)
     if address:
         check_address(address)
     key_id = key_id_for(public_key)
-    peer = models.Peer(name=name, address=address, state=ACTIVE, created_at_ms=now_ms())
+    peer = models.Peer(name=name, address=address, state=state, created_at_ms=now_ms(),
+                       tls_cert=tls_cert)
     session.add(peer)
     try:
         await session.flush()
@@ -44,20 +63,60 @@ async def add_peer(
         raise InvalidArgument(
             f"peer '{name}' or key '{key_id}' is already registered; see `fleetwire peer list`"
         ) from None
-    return PeerInfo(name=name, address=address, state=ACTIVE, key_ids=(key_id,))
+    return PeerInfo(name=name, address=address, state=state, key_ids=(key_id,),
+                    tls_fingerprint=fingerprint(tls_cert) if tls_cert else "")
 
 
-async def list_peers(session: AsyncSession) -> list[PeerInfo]:
+async def list_peers(session: AsyncSession, now: int | None = None) -> list[PeerInfo]:
+    """Every peer with the keys it may sign with now."""
+    at = now_ms() if now is None else now
     rows = (await session.execute(
-        select(models.Peer, models.PeerKey.key_id)
+        select(models.Peer, models.PeerKey)
         .join(models.PeerKey, models.PeerKey.peer_id == models.Peer.id, isouter=True)
-        .order_by(models.Peer.name))).all()
+        .order_by(models.Peer.name, models.PeerKey.id))).all()
     by_name: dict[str, PeerInfo] = {}
-    for peer, key_id in rows:
-        info = by_name.get(peer.name) or PeerInfo(peer.name, peer.address, peer.state, ())
+    for peer, key in rows:
+        info = by_name.get(peer.name) or PeerInfo(
+            peer.name, peer.address, peer.state, (),
+            fingerprint(peer.tls_cert) if peer.tls_cert else "")
+        in_use = key is not None and key_in_use(key, at)
         by_name[peer.name] = PeerInfo(info.name, info.address, info.state,
-                                      info.key_ids + ((key_id,) if key_id else ()))
+                                      info.key_ids + ((key.key_id,) if in_use else ()),
+                                      info.tls_fingerprint)
     return list(by_name.values())
+
+
+# What each state change needs the peer to be in now.
+_MOVES: dict[str, tuple[str, frozenset[str]]] = {
+    "suspend": (SUSPENDED, frozenset({PENDING, ACTIVE})),
+    "resume": (ACTIVE, frozenset({PENDING, SUSPENDED})),
+    "revoke": (REVOKED, frozenset({PENDING, ACTIVE, SUSPENDED})),
+}
+
+
+async def change_peer_state(session: AsyncSession, name: str, move: str) -> PeerInfo:
+    """suspend | resume | revoke a peer. Acts on the peer's next message: every message
+    is checked against the peer record, so no restart is needed."""
+    target, allowed = _MOVES[move]
+    peer = await find_peer(session, name)
+    if peer is None:
+        raise NotFound(f"no peer '{name}'; see `fleetwire peer list`")
+    if peer.state not in allowed:
+        hint = ("revocation is for good: join it again under a new name"
+                if peer.state == REVOKED else f"it is already {peer.state.lower()}")
+        raise InvalidArgument(f"cannot {move} peer '{name}': {hint}")
+    peer.state = target
+    if target == REVOKED:
+        keys = (await session.execute(
+            select(models.PeerKey).where(models.PeerKey.peer_id == peer.id))).scalars()
+        for key in keys:
+            key.state = REVOKED
+    await session.flush()
+    return (await _info(session, peer))
+
+
+async def _info(session: AsyncSession, peer: models.Peer) -> PeerInfo:
+    return next(p for p in await list_peers(session) if p.name == peer.name)
 
 
 async def find_peer(session: AsyncSession, name: str) -> models.Peer | None:
@@ -76,8 +135,10 @@ def check_address(address: str) -> str:
 class DbKeyring:
     """Keyring over the peer tables, read per message so changes act at once."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession],
+                 clock_ms: Callable[[], int] = now_ms) -> None:
         self._sessions = sessions
+        self._clock_ms = clock_ms
 
     async def find_key(self, key_id: str) -> PeerKey | None:
         async with self._sessions() as session:
@@ -89,5 +150,6 @@ class DbKeyring:
             return None
         key, peer = row
         return PeerKey(peer_name=peer.name, peer_active=peer.state == ACTIVE,
-                       key_id=key.key_id, key_active=key.state == ACTIVE,
-                       public_key=key.public_key)
+                       key_id=key.key_id, key_active=key_in_use(key, self._clock_ms()),
+                       public_key=key.public_key, peer_state=peer.state,
+                       tls_fingerprint=fingerprint(peer.tls_cert) if peer.tls_cert else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from shared.scope import Role
 from spoke.daemon import run_spoke
 from spoke.drain import lift_drain, request_drain
 from spoke.grants import add_grant, list_grants, revoke_grant
+from spoke.join import join_hub
 from spoke.store import count_live
 
 
@@ -83,9 +85,14 @@ def spoke() -> None:
 @home_option
 @click.option("--listen", default=None, help="HOST:PORT (port 0: any free port); "
               "default from config.toml [spoke] listen.")
-def spoke_run(home: Path, listen: str | None) -> None:
+@click.option("--advertise", default="", help="HOST:PORT hubs should use to reach this "
+              "spoke (sent with each heartbeat); default: the bound --listen address.")
+@click.option("--insecure", is_flag=True, help="Plaintext between instances: only on "
+              "loopback addresses, for trying things out.")
+def spoke_run(home: Path, listen: str | None, advertise: str, insecure: bool) -> None:
     """Run the spoke daemon until SIGTERM or SIGINT (agents keep running)."""
-    run_daemon(home, lambda cfg: run_spoke(cfg, listen or cfg.spoke.listen))
+    run_daemon(home, lambda cfg: run_spoke(cfg, listen or cfg.spoke.listen,
+                                           insecure=insecure, advertise=advertise))
 
 
 @spoke.command("drain")
@@ -127,6 +134,28 @@ async def _live_count(session: AsyncSession, _: object) -> int:
     return await count_live(session)
 
 
+@click.command("join")
+@home_option
+@click.option("--hub", "hub_addr", required=True, envvar="FLEETWIRE_HUB",
+              help="The hub's operator address HOST:PORT.")
+@click.option("--token", "join_token_text", required=True,
+              help="From `fleetwire join-token create` on the hub.")
+@click.option("--address", default="", help="HOST:PORT the hub should use for this spoke "
+              "(else the spoke's heartbeats tell it).")
+def join(home: Path, hub_addr: str, join_token_text: str, address: str) -> None:
+    """Join this spoke to a hub: both sides record each other's signing key and TLS
+    certificate; nothing is pasted by hand. Grants stay this spoke's decision: add them
+    with `fleetwire grant add`."""
+    cfg = load_config(home)
+    joined = asyncio.run(join_hub(cfg, hub_addr, join_token_text, address))
+    click.echo(f"joined hub '{joined.hub.name}' at {joined.hub.address} (key_id "
+               f"{joined.hub.key_ids[0]}, TLS {joined.hub.tls_fingerprint}); this spoke is "
+               f"{joined.state} there"
+               + ("; the hub's operator must run `fleetwire peer resume "
+                  f"{cfg.name}`" if joined.state == "PENDING" else ""))
+
+
 def register(root: click.Group) -> None:
+    root.add_command(join)
     root.add_command(grant)
     root.add_command(spoke)

@@ -27,7 +27,7 @@ from shared.errors import FleetwireError, from_wire_error
 from shared.identity import Identity
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
 from shared.peers import ACTIVE
-from shared.rpc import PeerChannels
+from shared.rpc import PeerCerts, PeerChannels
 from spoke.store import count_live, to_wire
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,16 @@ class HubUnreachable(Exception):
 
 class StatusReporter:
     def __init__(self, cfg: Config, identity: Identity, keyring: Keyring,
-                 sessions: async_sessionmaker[AsyncSession], trail: AuditTrail) -> None:
+                 sessions: async_sessionmaker[AsyncSession], trail: AuditTrail,
+                 certs: PeerCerts | None, advertise: str = "") -> None:
         self._cfg = cfg
         self._identity = identity
         self._keyring = keyring
         self._sessions = sessions
         self._trail = trail
-        self._channels = PeerChannels(cfg.keepalive)
+        self._channels = PeerChannels(cfg.keepalive, certs)
+        # Where hubs reach this spoke, told with every heartbeat ("" if unknown).
+        self._advertise = advertise
         # Hubs that must get a snapshot before anything else (all of them at start).
         self._needs_snapshot: set[str] | None = None
 
@@ -122,7 +125,8 @@ class StatusReporter:
             try:
                 await self._send(hub, heartbeat=wire_pb2.Heartbeat(
                     agents_running=running,
-                    interval_ms=int(self._cfg.spoke.heartbeat_seconds * 1000)))
+                    interval_ms=int(self._cfg.spoke.heartbeat_seconds * 1000),
+                    address=self._advertise))
                 if hub in self._needs_snapshot:
                     await self._send(hub, report=await self._snapshot(hub))
                     self._needs_snapshot.discard(hub)
@@ -166,7 +170,11 @@ class StatusReporter:
         signed = seal_envelope(self._identity, recipient=hub, **body)  # type: ignore[arg-type]
         message_id = wire_pb2.Envelope.FromString(signed.envelope).message_id
         try:
-            reply = await self._stub(hub, address).Deliver(signed, timeout=SEND_TIMEOUT_SECONDS)
+            stub = wire_pb2_grpc.HubPeerServiceStub(await self._channels.get(hub, address))
+        except FleetwireError as exc:
+            raise HubUnreachable(exc.message) from None
+        try:
+            reply = await stub.Deliver(signed, timeout=SEND_TIMEOUT_SECONDS)
             opened = await open_envelope(reply, keyring=self._keyring, me=self._identity.name,
                                          skew_ms=self._cfg.wire.max_clock_skew_seconds * 1000)
         except grpc.aio.AioRpcError as exc:
@@ -181,9 +189,6 @@ class StatusReporter:
             raise HubUnreachable(f"refused: {err.message}")
         if env.response.WhichOneof("result") != "ack":
             raise HubUnreachable("its answer is not an acknowledgement")
-
-    def _stub(self, hub: str, address: str) -> wire_pb2_grpc.HubPeerServiceStub:
-        return wire_pb2_grpc.HubPeerServiceStub(self._channels.get(hub, address))
 
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from click.testing import CliRunner
 
@@ -73,6 +74,19 @@ class Federation:
     def agent_workdir(self, spoke: str, tenant: str, workspace: str, agent_id: str) -> Path:
         return self.home(spoke) / "workspaces" / tenant / workspace / "agents" / agent_id
 
+    def peer_channel(self, sender: str, target: str, address: str = "") -> grpc.aio.Channel:
+        """A channel to instance `target` that presents `sender`'s TLS client certificate
+        and pins `target`'s: what `sender` itself would open."""
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=(self.home(target) / "tls.crt").read_bytes(),
+            private_key=(self.home(sender) / "tls.key").read_bytes(),
+            certificate_chain=(self.home(sender) / "tls.crt").read_bytes())
+        if not address:
+            address = (self.hub.peer_address if target == self.hub.name
+                       else self.spokes[target].address)
+        return grpc.aio.secure_channel(address, creds,
+                                       options=[("grpc.ssl_target_name_override", target)])
+
     def agent_env(self, token_name: str) -> dict[str, str]:
         return {"FLEETWIRE_HUB": self.hub.address, "FLEETWIRE_TOKEN": self.tokens[token_name]}
 
@@ -98,7 +112,7 @@ class Federation:
             fed.cli("tenant", "create", "--home", str(home), tenant)
             for ws in workspaces:
                 fed.cli("workspace", "create", "--home", str(home), "--tenant", tenant, ws)
-        fed.trust(name, self.hub.name, address=self.hub.address)
+        fed.trust(name, self.hub.name, address=self.hub.peer_address)
         for tenant, workspace, role in grants or [(t, None, "operator") for t in tenants]:
             fed.cli("grant", "add", "--home", str(home), "--peer", self.hub.name,
                     "--tenant", tenant, "--max-role", role,

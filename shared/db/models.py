@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     ForeignKey,
     Index,
     Integer,
@@ -36,6 +37,8 @@ class Peer(Base):
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     # On a hub: when this spoke's last heartbeat arrived.
     last_heartbeat_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The peer's TLS certificate (PEM), pinned: the only one accepted for it.
+    tls_cert: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class PeerKey(Base):
@@ -46,6 +49,8 @@ class PeerKey(Base):
     public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
     state: Mapped[str] = mapped_column(String(16), default="ACTIVE")
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    # Set when the peer rotated away from this key: accepted until then, never after.
+    expires_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Tenant(Base):
@@ -188,3 +193,41 @@ class AuditRecord(Base):
     # Unique: two appends racing on the same tail cannot both land.
     prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class JoinToken(Base):
+    """A hub's single-use invitation for one spoke name (only its hash is kept)."""
+
+    __tablename__ = "join_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
+    pending: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    expires_at_ms: Mapped[int] = mapped_column(BigInteger)
+    used_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class KeyRotation(Base):
+    """This instance moved from one signing key to another; the old key stays valid at
+    peers until grace_until_ms."""
+
+    __tablename__ = "key_rotations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    old_key_id: Mapped[str] = mapped_column(String(16))
+    new_key_id: Mapped[str] = mapped_column(String(16), unique=True)
+    new_public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    grace_until_ms: Mapped[int] = mapped_column(BigInteger)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class KeyAnnouncement(Base):
+    """Which peer has acknowledged which rotation (absent: still to be told)."""
+
+    __tablename__ = "key_announcements"
+    __table_args__ = (UniqueConstraint("rotation_id", "peer"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rotation_id: Mapped[int] = mapped_column(ForeignKey("key_rotations.id",
+                                                        ondelete="CASCADE"))
+    peer: Mapped[str] = mapped_column(String(64))
+    acked_at_ms: Mapped[int] = mapped_column(BigInteger)

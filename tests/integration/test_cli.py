@@ -69,7 +69,7 @@ def _free_port() -> int:
     ("no token", 2, "no operator token"),
     ("no hub", 2, "no hub address"),
     ("malformed hub address", 2, "not HOST:PORT"),
-    ("spoke address as hub", 2, "does not serve this API"),
+    ("spoke address as hub", 2, "speaks TLS"),
     ("nothing listening", 7, "cannot reach"),
 ])
 def test_refusals_exit_with_design_codes(federation: Federation, case: str, code: int,
@@ -110,7 +110,9 @@ def test_init_identity_and_local_admin_commands(tmp_path: Path) -> None:
     assert stat.S_IMODE((home / "identity.key").stat().st_mode) == 0o600
     assert (home / "state.db").exists() and (home / "config.toml").exists()
     shown = json.loads(fleetwire("identity", "show", "--home", str(home), "--json").stdout)
-    assert set(shown) == {"name", "key_id", "public_key"} and shown["name"] == "node-1"
+    assert set(shown) == {"name", "key_id", "public_key", "tls_cert", "tls_fingerprint"}
+    assert shown["name"] == "node-1" and shown["tls_fingerprint"].startswith("sha256:")
+    assert stat.S_IMODE((home / "tls.key").stat().st_mode) == 0o600
     assert len(shown["key_id"]) == 16
 
     again = fleetwire("init", "--home", str(home), "--name", "node-1")

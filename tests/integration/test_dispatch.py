@@ -25,17 +25,20 @@ def isolated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
 
 
 class AnswerLosingProxy(wire_pb2_grpc.SpokeServiceServicer):
-    """Forwards to the real spoke, but drops the first `lose` answers (UNAVAILABLE)."""
+    """Forwards to the real spoke, but drops the first `lose` answers (UNAVAILABLE). It
+    terminates TLS with the spoke's own certificate and goes on with the hub's, so both
+    ends see the identities they pinned."""
 
-    def __init__(self, lose: int) -> None:
-        self.target = ""
+    def __init__(self, fed: Federation, spoke: str, lose: int) -> None:
+        self.fed = fed
+        self.spoke = spoke
         self.lose = lose
         self.envelopes: list[bytes] = []
 
     async def Deliver(self, request: wire_pb2.SignedEnvelope,  # noqa: N802
                       context: grpc.aio.ServicerContext) -> wire_pb2.SignedEnvelope:
         self.envelopes.append(request.SerializeToString())
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with self.fed.peer_channel(self.fed.hub.name, self.spoke) as channel:
             reply = await wire_pb2_grpc.SpokeServiceStub(channel).Deliver(request, timeout=20)
         if self.lose > 0:
             self.lose -= 1
@@ -45,17 +48,22 @@ class AnswerLosingProxy(wire_pb2_grpc.SpokeServiceServicer):
 
 async def test_lost_answer_is_retried_with_same_bytes_and_spawns_once(
         isolated: Federation) -> None:
-    proxy = AnswerLosingProxy(lose=2)
+    await asyncio.to_thread(isolated.add_spoke, "spoke-flaky", tenants={"acme": ["research"]},
+                            start=False)
+    home = isolated.home("spoke-flaky")
+    proxy = AnswerLosingProxy(isolated, "spoke-flaky", lose=2)
     server = grpc.aio.server()
     wire_pb2_grpc.add_SpokeServiceServicer_to_server(proxy, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+        [((home / "tls.key").read_bytes(), (home / "tls.crt").read_bytes())]))
     await server.start()
     try:
-        daemon = await asyncio.to_thread(
-            isolated.add_spoke, "spoke-flaky", tenants={"acme": ["research"]},
-            hub_address=f"127.0.0.1:{port}")
-        assert daemon is not None
-        proxy.target = daemon.address
+        # Heartbeats tell the hub where the spoke is: here, the proxy.
+        daemon = await asyncio.to_thread(isolated.fed.start, "spoke", "spoke-flaky",
+                                         "127.0.0.1:0", "--advertise", f"127.0.0.1:{port}")
+        isolated.spokes["spoke-flaky"] = daemon
+        await asyncio.to_thread(isolated.fed.trust, isolated.hub.name, "spoke-flaky",
+                                f"127.0.0.1:{port}")
         async with HubClient(isolated.hub.address, isolated.tokens["acme"]) as hub:
             agent = await hub.spawn(spoke="spoke-flaky", workspace="research",
                                     template="sleeper", task="once", params={})

@@ -11,7 +11,6 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
 from hub.client import HubClient
@@ -79,7 +78,7 @@ async def test_reports_are_applied_once_and_in_order(fed: Federation) -> None:
         async def report(*updates: tuple[wire_pb2.Agent, int]) -> None:
             signed = seal_envelope(spoke, recipient=fed.hub.name, report=wire_pb2.StatusReport(
                 updates=[wire_pb2.AgentUpdate(agent=a, seq=s) for a, s in updates]))
-            async with grpc.aio.insecure_channel(fed.hub.address) as ch:
+            async with fed.peer_channel(spoke.name, fed.hub.name) as ch:
                 reply = await wire_pb2_grpc.HubPeerServiceStub(ch).Deliver(signed, timeout=10)
             assert wire_pb2.Envelope.FromString(reply.envelope).response.HasField("ack")
 
@@ -119,7 +118,8 @@ async def test_hub_restart_loses_no_report(fed: Federation) -> None:
         kill_marked(a.agent_id)
     await eventually(lambda: all(spoke_db_state(fed, "spoke-a", a.agent_id) == "FAILED"
                                  for a in agents), what="the spoke to record the deaths")
-    fed.hub = await asyncio.to_thread(fed.fed.start, "hub", old.name, old.address)
+    fed.hub = await asyncio.to_thread(fed.fed.start, "hub", old.name, old.address,
+                                    "--peer-listen", old.peer_address)
     async with client(fed) as hub:
         async def all_reported() -> bool:
             return all([await registry_state(hub, a.agent_id) == "FAILED" for a in agents])
@@ -253,7 +253,7 @@ async def test_spawn_cut_off_by_a_crash_gives_one_agent_on_retry(fed: Federation
                       env.issued_at_ms))
     fed.spokes["spoke-b"] = await asyncio.to_thread(
         fed.fed.start, "spoke", "spoke-b", daemon.address)
-    async with grpc.aio.insecure_channel(fed.spokes["spoke-b"].address) as ch:
+    async with fed.peer_channel(fed.hub.name, "spoke-b") as ch:
         stub = wire_pb2_grpc.SpokeServiceStub(ch)
         first = await stub.Deliver(signed, timeout=20)
         second = await stub.Deliver(signed, timeout=20)

@@ -54,7 +54,7 @@ class _Keyring:
 
 async def deliver(fed: Federation, signed: wire_pb2.SignedEnvelope,
                   spoke: str = "spoke-a") -> wire_pb2.SignedEnvelope:
-    async with grpc.aio.insecure_channel(fed.spokes[spoke].address) as channel:
+    async with fed.peer_channel(fed.hub.name, spoke) as channel:
         return await wire_pb2_grpc.SpokeServiceStub(channel).Deliver(signed, timeout=20)
 
 
@@ -228,9 +228,12 @@ async def test_ungranted_tenant_and_missing_workspace_read_like_absence(
 async def test_daemons_report_serving_on_grpc_health(federation: Federation) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    for address, service in ((federation.spokes["spoke-a"].address, "fleetwire.v1.SpokeService"),
-                             (federation.hub.address, "fleetwire.v1.OperatorService")):
-        async with grpc.aio.insecure_channel(address) as channel:
+    channels = ((federation.peer_channel(federation.hub.name, "spoke-a"),
+                 "fleetwire.v1.SpokeService"),
+                (grpc.aio.insecure_channel(federation.hub.address),
+                 "fleetwire.v1.OperatorService"))
+    for channel, service in channels:
+        async with channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

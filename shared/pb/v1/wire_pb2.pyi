@@ -65,7 +65,7 @@ class SignedEnvelope(_message.Message):
     def __init__(self, envelope: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("message_id", "sender", "recipient", "key_id", "issued_at_ms", "in_reply_to", "command", "response", "report", "heartbeat")
+    __slots__ = ("message_id", "sender", "recipient", "key_id", "issued_at_ms", "in_reply_to", "command", "response", "report", "heartbeat", "key_announcement")
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class Envelope(_message.Message):
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    KEY_ANNOUNCEMENT_FIELD_NUMBER: _ClassVar[int]
     message_id: str
     sender: str
     recipient: str
@@ -86,7 +87,16 @@ class Envelope(_message.Message):
     response: Response
     report: StatusReport
     heartbeat: Heartbeat
-    def __init__(self, message_id: _Optional[str] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., key_id: _Optional[str] = ..., issued_at_ms: _Optional[int] = ..., in_reply_to: _Optional[str] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., response: _Optional[_Union[Response, _Mapping]] = ..., report: _Optional[_Union[StatusReport, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    key_announcement: KeyAnnouncement
+    def __init__(self, message_id: _Optional[str] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., key_id: _Optional[str] = ..., issued_at_ms: _Optional[int] = ..., in_reply_to: _Optional[str] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., response: _Optional[_Union[Response, _Mapping]] = ..., report: _Optional[_Union[StatusReport, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., key_announcement: _Optional[_Union[KeyAnnouncement, _Mapping]] = ...) -> None: ...
+
+class KeyAnnouncement(_message.Message):
+    __slots__ = ("new_public_key", "grace_until_ms")
+    NEW_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    GRACE_UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
+    new_public_key: bytes
+    grace_until_ms: int
+    def __init__(self, new_public_key: _Optional[bytes] = ..., grace_until_ms: _Optional[int] = ...) -> None: ...
 
 class AgentUpdate(_message.Message):
     __slots__ = ("agent", "seq")
@@ -105,12 +115,14 @@ class StatusReport(_message.Message):
     def __init__(self, updates: _Optional[_Iterable[_Union[AgentUpdate, _Mapping]]] = ..., snapshot: _Optional[bool] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("agents_running", "interval_ms")
+    __slots__ = ("agents_running", "interval_ms", "address")
     AGENTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     agents_running: int
     interval_ms: int
-    def __init__(self, agents_running: _Optional[int] = ..., interval_ms: _Optional[int] = ...) -> None: ...
+    address: str
+    def __init__(self, agents_running: _Optional[int] = ..., interval_ms: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class Principal(_message.Message):
     __slots__ = ("name", "role")
@@ -288,3 +300,41 @@ class Response(_message.Message):
     logs: AgentLogs
     ack: Ack
     def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., agents: _Optional[_Union[AgentList, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., workspace: _Optional[_Union[Workspace, _Mapping]] = ..., logs: _Optional[_Union[AgentLogs, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+
+class JoinClaim(_message.Message):
+    __slots__ = ("token", "name", "public_key", "tls_cert", "address", "issued_at_ms")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    TLS_CERT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    name: str
+    public_key: bytes
+    tls_cert: bytes
+    address: str
+    issued_at_ms: int
+    def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., public_key: _Optional[bytes] = ..., tls_cert: _Optional[bytes] = ..., address: _Optional[str] = ..., issued_at_ms: _Optional[int] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("claim", "signature")
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    claim: bytes
+    signature: bytes
+    def __init__(self, claim: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("hub_name", "public_key", "tls_cert", "peer_port", "state")
+    HUB_NAME_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    TLS_CERT_FIELD_NUMBER: _ClassVar[int]
+    PEER_PORT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    hub_name: str
+    public_key: bytes
+    tls_cert: bytes
+    peer_port: int
+    state: str
+    def __init__(self, hub_name: _Optional[str] = ..., public_key: _Optional[bytes] = ..., tls_cert: _Optional[bytes] = ..., peer_port: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...

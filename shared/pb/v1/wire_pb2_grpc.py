@@ -107,8 +107,8 @@ class SpokeService:
 
 
 class HubPeerServiceStub:
-    """The hub's peer API, on the same port as its operator API: spokes deliver signed
-    status reports and heartbeats; the answer is a signed Response with an Ack.
+    """The hub's peer API, on its peer port (mutual TLS): spokes deliver signed status
+    reports, heartbeats and key announcements; the answer is a signed Response with an Ack.
     """
 
     def __init__(self, channel):
@@ -125,8 +125,8 @@ class HubPeerServiceStub:
 
 
 class HubPeerServiceServicer:
-    """The hub's peer API, on the same port as its operator API: spokes deliver signed
-    status reports and heartbeats; the answer is a signed Response with an Ack.
+    """The hub's peer API, on its peer port (mutual TLS): spokes deliver signed status
+    reports, heartbeats and key announcements; the answer is a signed Response with an Ack.
     """
 
     def Deliver(self, request, context):
@@ -152,8 +152,8 @@ def add_HubPeerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class HubPeerService:
-    """The hub's peer API, on the same port as its operator API: spokes deliver signed
-    status reports and heartbeats; the answer is a signed Response with an Ack.
+    """The hub's peer API, on its peer port (mutual TLS): spokes deliver signed status
+    reports, heartbeats and key announcements; the answer is a signed Response with an Ack.
     """
 
     @staticmethod
@@ -173,6 +173,81 @@ class HubPeerService:
             '/fleetwire.v1.HubPeerService/Deliver',
             shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.SerializeToString,
             shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class JoinServiceStub:
+    """On the hub's operator port. The join token is the only credential; no bearer token.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Join = channel.unary_unary(
+                '/fleetwire.v1.JoinService/Join',
+                request_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.JoinRequest.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.JoinResponse.FromString,
+                _registered_method=True)
+
+
+class JoinServiceServicer:
+    """On the hub's operator port. The join token is the only credential; no bearer token.
+    """
+
+    def Join(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_JoinServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.JoinRequest.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.JoinResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fleetwire.v1.JoinService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fleetwire.v1.JoinService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class JoinService:
+    """On the hub's operator port. The join token is the only credential; no bearer token.
+    """
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetwire.v1.JoinService/Join',
+            shared_dot_pb_dot_v1_dot_wire__pb2.JoinRequest.SerializeToString,
+            shared_dot_pb_dot_v1_dot_wire__pb2.JoinResponse.FromString,
             options,
             channel_credentials,
             insecure,
