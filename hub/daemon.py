@@ -21,6 +21,7 @@ from shared.inbox import EnvelopeInbox
 from shared.pb.v1 import operator_pb2_grpc, wire_pb2_grpc
 from shared.peers import DbKeyring
 from shared.replay import MessageMemory
+from shared.rotation import KeyAnnouncer
 from shared.rpc import Listen, refuse_plaintext_off_loopback, start_server
 from shared.tls import is_loopback
 
@@ -73,8 +74,12 @@ async def run_hub(cfg: Config, listen: str, peer_listen: str, *, insecure: bool 
              peers=with_port(peer_listen, peer_port))
     refreshing = (asyncio.create_task(certs.keep_fresh(), name="peer-certs")
                   if certs is not None else None)
+    announcer = KeyAnnouncer(cfg, identity, keyring, sessions, trail, dispatcher.channels,
+                             wire_pb2_grpc.SpokeServiceStub)
+    announcing = asyncio.create_task(announcer.run(), name="key-announcer")
 
     async def on_stop() -> None:
+        announcing.cancel()
         if refreshing is not None:
             refreshing.cancel()
         await dispatcher.close()

@@ -211,19 +211,23 @@ def run_demo(*, keep: bool = False) -> None:
             fed.cli("workspace", "create", "--home", home, "--tenant", "acme", "research")
             fed.cli("workspace", "create", "--home", home, "--tenant", "globex", "ops")
 
-        title("Start the hub; each spoke trusts its key, reports to it, and grants it both "
+        title("Start the hub: operators on TLS (pinned by fingerprint), spokes on mutual TLS")
+        hub = fed.start("hub", "hub", "127.0.0.1:0", "--operator-tls")
+        hub_fp = json.loads(fed.cli("identity", "show", "--home", str(fed.homes["hub"]),
+                                    "--json", show=False).stdout)["tls_fingerprint"]
+        print(f"  hub TLS certificate {hub_fp}")
+
+        title("Join each spoke with a single-use token; each spoke grants the hub both "
               "tenants")
-        hub = fed.start("hub", "hub")
         for spoke in ("spoke-a", "spoke-b"):
-            fed.trust(spoke, "hub", address=hub.peer_address)
+            made = json.loads(fed.cli("join-token", "create", "--home", str(fed.homes["hub"]),
+                                      "--name", spoke, "--ttl", "10m", "--json").stdout)
+            fed.cli("join", "--home", str(fed.homes[spoke]), "--hub", hub.address,
+                    "--token", made["token"])
             for tenant in ("acme", "globex"):
                 fed.cli("grant", "add", "--home", str(fed.homes[spoke]), "--peer", "hub",
                         "--tenant", tenant)
-
-        title("Start the spokes, then tell the hub where they are")
-        for spoke in ("spoke-a", "spoke-b"):
-            daemon = fed.start("spoke", spoke)
-            fed.trust("hub", spoke, address=daemon.address)
+        fed.cli("peer", "list", "--home", str(fed.homes["hub"]))
 
         title("One operator token per tenant")
         tokens = {}
@@ -231,10 +235,22 @@ def run_demo(*, keep: bool = False) -> None:
             out = fed.cli("token", "create", "--home", str(fed.homes["hub"]), "--tenant",
                           tenant, "--principal", f"{tenant}-ops", "--json").stdout
             tokens[tenant] = json.loads(out)["token"]
-        acme = {"FLEETWIRE_HUB": hub.address, "FLEETWIRE_TOKEN": tokens["acme"]}
-        globex = {"FLEETWIRE_HUB": hub.address, "FLEETWIRE_TOKEN": tokens["globex"]}
-        print("  (agent commands below read FLEETWIRE_HUB and FLEETWIRE_TOKEN: acme's token "
-              "unless marked [globex])")
+        acme = {"FLEETWIRE_HUB": hub.address, "FLEETWIRE_TOKEN": tokens["acme"],
+                "FLEETWIRE_HUB_CA": hub_fp}
+        globex = {**acme, "FLEETWIRE_TOKEN": tokens["globex"]}
+        print("  (agent commands below read FLEETWIRE_HUB, FLEETWIRE_HUB_CA (the pin) and "
+              "FLEETWIRE_TOKEN: acme's token unless marked [globex])")
+
+        title("Start the spokes; their heartbeats tell the hub where they are")
+        for spoke in ("spoke-a", "spoke-b"):
+            fed.start("spoke", spoke)
+
+        def online() -> bool:
+            out = fed.cli("spoke", "list", "--json", env=acme, show=False).stdout
+            return sum(s["status"] == "ONLINE" for s in json.loads(out)) == 2
+
+        wait_for(online, 30, "both spokes to be ONLINE")
+        fed.cli("spoke", "list", env=acme)
 
         def agent(*args: str, env: dict[str, str], check: bool = True,
                   label: str = "") -> subprocess.CompletedProcess[str]:

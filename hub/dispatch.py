@@ -48,6 +48,10 @@ class SpokeDispatcher:
         self._keyring = keyring
         self._channels = PeerChannels(cfg.keepalive, certs)
 
+    @property
+    def channels(self) -> PeerChannels:
+        return self._channels
+
     async def _stub(self, spoke: str, address: str) -> wire_pb2_grpc.SpokeServiceStub:
         return wire_pb2_grpc.SpokeServiceStub(await self._channels.get(spoke, address))
 

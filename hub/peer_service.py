@@ -21,10 +21,11 @@ from shared.errors import InvalidArgument
 from shared.inbox import EnvelopeInbox
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
 from shared.peers import check_address
+from shared.rotation import take_announcement
 
 log = logging.getLogger(__name__)
 
-_REPORTS = frozenset({"report", "heartbeat"})
+_ACCEPTS = frozenset({"report", "heartbeat", "key_announcement"})
 
 
 class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
@@ -37,11 +38,14 @@ class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
         self, request: wire_pb2.SignedEnvelope, context: grpc.aio.ServicerContext
     ) -> wire_pb2.SignedEnvelope:
         return await self._inbox.deliver(
-            request, context, accepts=_REPORTS, answer=self._answer,
-            refusal="the hub's peer API takes only status reports and heartbeats")
+            request, context, accepts=_ACCEPTS, answer=self._answer,
+            refusal="the hub's peer API takes only status reports, heartbeats and key "
+                    "announcements")
 
     async def _answer(self, opened: OpenedEnvelope) -> wire_pb2.Response:
         env = opened.envelope
+        if env.WhichOneof("body") == "key_announcement":
+            return await take_announcement(self._trail, opened)
         if env.WhichOneof("body") == "report":
             changed = await self._registry.apply_report(env.sender, list(env.report.updates))
             log.debug("report from %s: %d of %d updates applied", env.sender, changed,

@@ -23,9 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.audit import ALLOWED, REFUSED, AuditEntry, append_audit, load_records, verify_chain
 from shared.config import Config, check_name, default_config_text, load_config
 from shared.db.engine import make_engine, make_sessions, upgrade
+from shared.durations import describe, parse_duration
 from shared.errors import FleetwireError, InvalidArgument, Unavailable
 from shared.identity import decode_public_key, generate_key_file, load_identity
 from shared.peers import add_peer, change_peer_state, list_peers
+from shared.rotation import rotate_key
 from shared.tenancy import create_tenant, create_workspace, list_tenants
 from shared.tls import check_certificate, fingerprint, load_tls_identity, make_certificate
 
@@ -172,6 +174,27 @@ def identity_show(home: Path, as_json: bool) -> None:
                        f"public_key       {ident.public_key_b64}\n"
                        f"tls_cert         {cfg.tls_cert_path}\n"
                        f"tls_fingerprint  {tls.fingerprint}")
+
+
+@identity.command("rotate")
+@home_option
+@click.option("--grace", default="24h", show_default=True,
+              help="How long peers still accept the current key: 90s, 15m, 24h, 7d (at "
+                   "most 30d).")
+@json_option
+def identity_rotate(home: Path, grace: str, as_json: bool) -> None:
+    """Make a new signing key current. The running daemon signs with it from its next
+    message and announces it to every peer, signed by the current key (retried until
+    each peer has it); peers accept either key until the grace ends, then only the new
+    one. At most 3 keys are in use at once."""
+    seconds = parse_duration(grace, "--grace")
+    rotated = with_session(home, lambda s, cfg: rotate_key(s, cfg, seconds),
+                           audited("identity.rotate", reason=f"grace {describe(seconds)}"))
+    until = datetime.fromtimestamp(rotated.grace_until_ms / 1000, UTC).isoformat(
+        timespec="seconds")
+    emit({"old_key_id": rotated.old_key_id, "new_key_id": rotated.new_key_id,
+          "grace_until": until}, as_json,
+         f"new key_id {rotated.new_key_id}; peers accept {rotated.old_key_id} until {until}")
 
 
 @root.group()

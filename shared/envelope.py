@@ -71,6 +71,7 @@ def seal_envelope(
     response: wire_pb2.Response | None = None,
     report: wire_pb2.StatusReport | None = None,
     heartbeat: wire_pb2.Heartbeat | None = None,
+    key_announcement: wire_pb2.KeyAnnouncement | None = None,
     in_reply_to: str = "",
     message_id: str | None = None,
     issued_at_ms: int | None = None,
@@ -85,7 +86,7 @@ def seal_envelope(
         in_reply_to=in_reply_to,
     )
     bodies = {"command": command, "response": response, "report": report,
-              "heartbeat": heartbeat}
+              "heartbeat": heartbeat, "key_announcement": key_announcement}
     given = [(name, body) for name, body in bodies.items() if body is not None]
     if len(given) != 1:
         raise ValueError("an envelope carries exactly one body")

@@ -7,7 +7,6 @@ import binascii
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -39,26 +38,24 @@ def decode_public_key(text: str) -> bytes:
     return raw
 
 
-@dataclass(frozen=True)
 class Identity:
-    """This instance's name and signing key."""
+    """This instance's name and current signing key. A running daemon switches to a new
+    key in place (`use`) after `fleetwire identity rotate`, so everything holding the
+    identity signs with the new key from then on."""
 
-    name: str
-    private_key: Ed25519PrivateKey
+    def __init__(self, name: str, private_key: Ed25519PrivateKey) -> None:
+        self.name = name
+        self.use(private_key)
 
-    @property
-    def public_key(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+    def use(self, private_key: Ed25519PrivateKey) -> None:
+        self.private_key = private_key
+        self.public_key: bytes = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.key_id: str = key_id_for(self.public_key)
 
     @property
     def public_key_b64(self) -> str:
         return base64.b64encode(self.public_key).decode()
-
-    @property
-    def key_id(self) -> str:
-        return key_id_for(self.public_key)
 
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data)
@@ -66,7 +63,10 @@ class Identity:
 
 def generate_key_file(path: Path) -> None:
     """Write a new Ed25519 private key, readable by the owner only (0600)."""
-    key = Ed25519PrivateKey.generate()
+    write_key_file(path, Ed25519PrivateKey.generate())
+
+
+def write_key_file(path: Path, key: Ed25519PrivateKey) -> None:
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -77,8 +77,8 @@ def generate_key_file(path: Path) -> None:
         f.write(pem)
 
 
-def load_identity(name: str, path: Path) -> Identity:
-    """Load the signing key; refuse a file that others can read."""
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """An Ed25519 signing key file; refuse one that others can read."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -93,4 +93,8 @@ def load_identity(name: str, path: Path) -> Identity:
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise InvalidArgument(f"identity key {path} is not an Ed25519 key")
-    return Identity(name=name, private_key=key)
+    return key
+
+
+def load_identity(name: str, path: Path) -> Identity:
+    return Identity(name=name, private_key=load_private_key(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -12,8 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.config import check_name
 from shared.db import models
 from shared.envelope import PeerKey, now_ms
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.identity import key_id_for
+from shared.pb.v1 import wire_pb2
 from shared.tls import fingerprint
 
 # Peer states. Only an ACTIVE peer's messages are accepted; REVOKED is for good.
@@ -25,6 +27,8 @@ REVOKED = "REVOKED"
 # A peer may have this many signing keys in use at once (current + rotated-away ones
 # still in their grace period).
 MAX_ACTIVE_KEYS = 3
+# The longest grace a peer may ask for its old key; a longer one is cut to this.
+MAX_KEY_GRACE_MS = 30 * 86_400_000
 
 
 @dataclass(frozen=True)
@@ -153,3 +157,45 @@ class DbKeyring:
                        key_id=key.key_id, key_active=key_in_use(key, self._clock_ms()),
                        public_key=key.public_key, peer_state=peer.state,
                        tls_fingerprint=fingerprint(peer.tls_cert) if peer.tls_cert else "")
+
+
+async def accept_key_announcement(session: AsyncSession, *, sender: str, signed_by: str,
+                                  announcement: wire_pb2.KeyAnnouncement, now: int) -> str:
+    """A verified peer's news that it signs with a new key from now on: record the key,
+    and end the signing key's validity at the grace the peer asked for (at most
+    MAX_KEY_GRACE_MS). Repeats are harmless. Returns the new key_id."""
+    try:
+        Ed25519PublicKey.from_public_bytes(announcement.new_public_key)
+    except ValueError:
+        raise InvalidArgument("key announcement refused: the new key is not a 32-byte "
+                              "Ed25519 public key") from None
+    new_id = key_id_for(announcement.new_public_key)
+    peer = await find_peer(session, sender)
+    if peer is None:  # verified just now; only a concurrent revoke-and-delete gets here
+        raise NotFound(f"no peer '{sender}'")
+    keys = list((await session.execute(
+        select(models.PeerKey).where(models.PeerKey.peer_id == peer.id))).scalars())
+    signing = next(k for k in keys if k.key_id == signed_by)
+    until = min(announcement.grace_until_ms, now + MAX_KEY_GRACE_MS)
+    known = next((k for k in keys if k.key_id == new_id), None)
+    if known is None:
+        taken = (await session.execute(select(models.PeerKey.id).where(
+            models.PeerKey.key_id == new_id))).first()
+        if taken is not None:
+            raise InvalidArgument(f"key announcement refused: key {new_id} belongs to "
+                                  "another peer")
+        in_use = [k for k in keys if key_in_use(k, now)]
+        if len(in_use) >= MAX_ACTIVE_KEYS:
+            raise ResourceExhausted(
+                f"key announcement refused: '{sender}' already has {MAX_ACTIVE_KEYS} keys "
+                "in use; rotate again once the oldest one's grace period has ended")
+        session.add(models.PeerKey(peer_id=peer.id, key_id=new_id,
+                                   public_key=announcement.new_public_key, state=ACTIVE,
+                                   created_at_ms=now))
+    elif known.state != ACTIVE:
+        raise InvalidArgument(f"key announcement refused: key {new_id} was revoked")
+    if signing.key_id != new_id and (signing.expires_at_ms is None
+                                     or until < signing.expires_at_ms):
+        signing.expires_at_ms = until
+    await session.flush()
+    return new_id

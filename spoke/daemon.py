@@ -13,6 +13,7 @@ from shared.inbox import EnvelopeInbox
 from shared.pb.v1 import wire_pb2_grpc
 from shared.peers import DbKeyring
 from shared.replay import MessageMemory
+from shared.rotation import KeyAnnouncer
 from shared.rpc import Listen, refuse_plaintext_off_loopback, start_server
 from spoke.commands import SpokeCommands
 from spoke.reporter import StatusReporter
@@ -34,7 +35,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
     inbox = EnvelopeInbox(identity, DbKeyring(sessions), memory, trail,
                           skew_ms=cfg.wire.max_clock_skew_seconds * 1000,
                           mutual_tls=certs is not None)
-    service = SpokeService(inbox, commands)
+    service = SpokeService(inbox, commands, trail)
     server, (port,) = await start_server([
         Listen(listen, certs.mutual_tls() if certs is not None else None),
     ], [
@@ -45,6 +46,9 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
     reporter = StatusReporter(cfg, identity, DbKeyring(sessions), sessions, trail, certs,
                               advertise=advertised(listen, port, advertise))
     reporting = asyncio.create_task(reporter.run(), name="status-reporter")
+    announcer = KeyAnnouncer(cfg, identity, DbKeyring(sessions), sessions, trail,
+                             reporter.channels, wire_pb2_grpc.HubPeerServiceStub)
+    announcing = asyncio.create_task(announcer.run(), name="key-announcer")
     draining = asyncio.create_task(commands.watch_drain(), name="drain-watch")
     refreshing = (asyncio.create_task(certs.keep_fresh(), name="peer-certs")
                   if certs is not None else None)
@@ -53,6 +57,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         # Agents keep running; a restarted spoke finds them by pid and start time, and
         # what the outbox holds is sent after the restart.
         reporting.cancel()
+        announcing.cancel()
         draining.cancel()
         if refreshing is not None:
             refreshing.cancel()

@@ -55,6 +55,10 @@ class StatusReporter:
         # Hubs that must get a snapshot before anything else (all of them at start).
         self._needs_snapshot: set[str] | None = None
 
+    @property
+    def channels(self) -> PeerChannels:
+        return self._channels
+
     async def run(self) -> None:
         """Drain the outbox and send heartbeats until cancelled."""
         await asyncio.gather(self._drain_forever(), self._heartbeat_forever())

@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import grpc
 
+from shared.audit import AuditTrail
 from shared.envelope import OpenedEnvelope
 from shared.inbox import EnvelopeInbox
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
+from shared.rotation import take_announcement
 from spoke.commands import SpokeCommands
 
-_COMMANDS = frozenset({"command"})
+_ACCEPTS = frozenset({"command", "key_announcement"})
 
 
 class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
-    def __init__(self, inbox: EnvelopeInbox, commands: SpokeCommands) -> None:
+    def __init__(self, inbox: EnvelopeInbox, commands: SpokeCommands,
+                 trail: AuditTrail) -> None:
         self._inbox = inbox
         self._commands = commands
+        self._trail = trail
 
     async def Deliver(  # noqa: N802 (gRPC method name)
         self, request: wire_pb2.SignedEnvelope, context: grpc.aio.ServicerContext
     ) -> wire_pb2.SignedEnvelope:
-        return await self._inbox.deliver(request, context, accepts=_COMMANDS,
-                                         refusal="this spoke accepts only commands",
-                                         answer=self._answer)
+        return await self._inbox.deliver(
+            request, context, accepts=_ACCEPTS, answer=self._answer,
+            refusal="this spoke accepts only commands and key announcements")
 
     async def _answer(self, opened: OpenedEnvelope) -> wire_pb2.Response:
         env = opened.envelope
+        if env.WhichOneof("body") == "key_announcement":
+            return await take_announcement(self._trail, opened)
         return await self._commands.handle(env.sender, env.command, env.message_id)
