@@ -247,7 +247,8 @@ def run_demo(*, keep: bool = False) -> None:
 
         def online() -> bool:
             out = fed.cli("spoke", "list", "--json", env=acme, show=False).stdout
-            return sum(s["status"] == "ONLINE" for s in json.loads(out)) == 2
+            spokes: list[dict[str, str]] = json.loads(out)
+            return sum(s["status"] == "ONLINE" for s in spokes) == 2
 
         wait_for(online, 30, "both spokes to be ONLINE")
         fed.cli("spoke", "list", env=acme)
