@@ -71,6 +71,7 @@ def _free_port() -> int:
     ("malformed hub address", 2, "not HOST:PORT"),
     ("spoke address as hub", 2, "speaks TLS"),
     ("nothing listening", 7, "cannot reach"),
+    ("token in plaintext off loopback", 2, "refusing to send an operator token in plaintext"),
 ])
 def test_refusals_exit_with_design_codes(federation: Federation, case: str, code: int,
                                          needle: str) -> None:
@@ -90,6 +91,9 @@ def test_refusals_exit_with_design_codes(federation: Federation, case: str, code
         "spoke address as hub": (["agent", "list"],
                                  {"FLEETWIRE_HUB": federation.spokes["spoke-a"].address}),
         "nothing listening": (["agent", "list"], {"FLEETWIRE_HUB": f"127.0.0.1:{_free_port()}"}),
+        # Refused before any connection is tried: nothing leaves this machine.
+        "token in plaintext off loopback": (["agent", "list"],
+                                            {"FLEETWIRE_HUB": "192.0.2.1:7400"}),
     }[case]
     result = fleetwire(*args, env={"FLEETWIRE_HUB": hub, "FLEETWIRE_TOKEN": tok, **env})
     assert result.returncode == code, (result.stdout, result.stderr)

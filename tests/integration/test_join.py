@@ -43,10 +43,10 @@ def new_spoke(fed: Federation, name: str) -> Path:
     return home
 
 
-async def cli(fed: Federation, *args: str, check: bool = True
-              ) -> subprocess.CompletedProcess[str]:
+async def cli(fed: Federation, *args: str, check: bool = True,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`fleetwire ARGS` (in a thread: the command line runs its own event loop)."""
-    return await asyncio.to_thread(fed.fed.cli, *args, check=check, show=False)
+    return await asyncio.to_thread(fed.fed.cli, *args, check=check, show=False, env=env)
 
 
 async def join_token(fed: Federation, name: str, *extra: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ suspension and revocation acting on the next message."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -127,3 +128,26 @@ def test_a_key_file_others_can_read_is_refused(fed: Federation, key_file: str) -
     assert result.returncode == 2
     assert f"{home / key_file} is readable by others (mode 644)" in result.stderr
     assert f"chmod 600 {home / key_file}" in result.stderr
+
+
+async def test_operator_api_over_tls_with_a_ca_file_or_a_pin(fed: Federation) -> None:
+    hub = await asyncio.to_thread(fed.fed.start, "hub", fed.hub.name, "127.0.0.1:0",
+                                  "--operator-tls")
+    try:
+        home = fed.home(fed.hub.name)
+        pin = json.loads((await cli(fed, "identity", "show", "--home", str(home),
+                                    "--json")).stdout)["tls_fingerprint"]
+        env = {"FLEETWIRE_HUB": hub.address, "FLEETWIRE_TOKEN": fed.tokens["acme"]}
+        for ca in (str(home / "tls.crt"), pin):
+            ok = await cli(fed, "agent", "list", "--hub-ca", ca, "--json", env=env)
+            assert isinstance(json.loads(ok.stdout), list)
+        wrong = await cli(fed, "agent", "list", "--hub-ca", "sha256:" + "0" * 64, env=env,
+                          check=False)
+        assert wrong.returncode == 5 and "not the pinned" in wrong.stderr
+        other = await cli(fed, "agent", "list", "--hub-ca", str(fed.home("spoke-a") / "tls.crt"),
+                          env=env, check=False)
+        assert other.returncode == 7, other.stderr  # the handshake fails: not that certificate
+        plain = await cli(fed, "agent", "list", env=env, check=False)
+        assert plain.returncode == 2 and "speaks TLS: pass --hub-ca" in plain.stderr
+    finally:
+        hub.stop()
