@@ -151,3 +151,41 @@ async def test_operator_api_over_tls_with_a_ca_file_or_a_pin(fed: Federation) ->
         assert plain.returncode == 2 and "speaks TLS: pass --hub-ca" in plain.stderr
     finally:
         hub.stop()
+
+
+async def test_insecure_instances_work_in_plaintext_on_loopback(fed: Federation) -> None:
+    """--insecure on both sides (loopback only): the same signed commands, no TLS."""
+    local = fed.fed
+    for name in ("hub-plain", "spoke-plain"):
+        await asyncio.to_thread(local.init, name)
+        await cli(fed, "tenant", "create", "--home", str(fed.home(name)), "acme")
+    await cli(fed, "workspace", "create", "--home", str(fed.home("spoke-plain")),
+              "--tenant", "acme", "w")
+    hub = await asyncio.to_thread(local.start, "hub", "hub-plain", "127.0.0.1:0", "--insecure")
+    try:
+        await asyncio.to_thread(local.trust, "spoke-plain", "hub-plain", hub.peer_address)
+        await cli(fed, "grant", "add", "--home", str(fed.home("spoke-plain")), "--peer",
+                  "hub-plain", "--tenant", "acme")
+        spoke = await asyncio.to_thread(local.start, "spoke", "spoke-plain", "127.0.0.1:0",
+                                        "--insecure")
+        await asyncio.to_thread(local.trust, "hub-plain", "spoke-plain", spoke.address)
+        token = (await cli(fed, "token", "create", "--home", str(fed.home("hub-plain")),
+                           "--tenant", "acme")).stdout.strip()
+        async with HubClient(hub.address, token) as client:
+            agent = await client.spawn(spoke="spoke-plain", workspace="w", template="demo",
+                                       task="plain", params={"steps": "1", "interval": "0.05"})
+            assert agent.spoke == "spoke-plain"
+
+            async def done() -> bool:
+                return state(await client.status(agent.agent_id, live=True)) == "SUCCEEDED"
+
+            await eventually(done, what="the plaintext agent to finish")
+        # A plaintext client reaches the spoke: it serves without TLS.
+        async with grpc.aio.insecure_channel(spoke.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await wire_pb2_grpc.SpokeServiceStub(channel).Deliver(
+                    wire_pb2.SignedEnvelope(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        spoke.stop()
+    finally:
+        hub.stop()
