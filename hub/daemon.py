@@ -46,7 +46,7 @@ async def run_hub(cfg: Config, listen: str, peer_listen: str, *, insecure: bool 
     keyring = DbKeyring(sessions)
     dispatcher = SpokeDispatcher(cfg, identity, keyring, certs)
     trail = AuditTrail(sessions)
-    memory = MessageMemory(sessions)
+    memory = MessageMemory(sessions, trail.write_lock)
     registry = HubRegistry(trail, AgentEvents())
     service = OperatorService(trail, HubOperator(cfg, trail, dispatcher, registry))
     inbox = EnvelopeInbox(identity, keyring, memory, trail,

@@ -87,6 +87,13 @@ class AuditTrail:
         async with self._sessions() as session:
             yield session
 
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        """Held by every write transaction of this daemon, so SQLite never sees two of
+        its writers at once (a second one would wait in SQLite's busy handler, which
+        sleeps in steps of up to 100 ms)."""
+        return self._lock
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A transaction that may append audit records (and change anything else)."""

@@ -7,6 +7,8 @@ every refusal. Servicers supply only what to do with an accepted message.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -18,6 +20,8 @@ from shared.identity import Identity
 from shared.pb.v1 import wire_pb2
 from shared.replay import MessageMemory
 from shared.tls import fingerprint
+
+log = logging.getLogger(__name__)
 
 Answer = Callable[[OpenedEnvelope], Awaitable[wire_pb2.Response]]
 
@@ -33,6 +37,8 @@ class EnvelopeInbox:
         # With TLS, the certificate a peer connected with must be the one pinned in the
         # record of the key that signed: one identity, not two that could disagree.
         self._mutual_tls = mutual_tls
+        # Messages being handled, kept referenced until they finish.
+        self._carrying: set[asyncio.Future[bytes]] = set()
 
     async def deliver(self, request: wire_pb2.SignedEnvelope,
                       context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
@@ -45,7 +51,16 @@ class EnvelopeInbox:
                 _check_tls_binding(opened, context)
             if opened.envelope.WhichOneof("body") not in accepts:
                 raise InvalidArgument(refusal)
-            sealed = await self._memory.once(opened, lambda: self._sealed(opened, answer))
+            # A caller that gives up (its deadline passed) must not stop a command half
+            # way: a spawn cut off after its record but before its process would be
+            # found by the retry and taken as done. The work runs to its end apart from
+            # the RPC, and its stored answer is what the retry gets.
+            work = asyncio.ensure_future(
+                self._memory.once(opened, lambda: self._sealed(opened, answer)))
+            self._carrying.add(work)
+            work.add_done_callback(_settle)
+            work.add_done_callback(self._carrying.discard)
+            sealed = await asyncio.shield(work)
         except FleetwireError as err:
             # Only the outer key_id is named: unverified bytes are never parsed.
             await self._trail.record(AuditEntry(
@@ -59,6 +74,12 @@ class EnvelopeInbox:
         response = await answer(opened)
         return seal_envelope(self._identity, recipient=env.sender, response=response,
                              in_reply_to=env.message_id).SerializeToString()
+
+
+def _settle(work: asyncio.Future[bytes]) -> None:
+    """Collect the outcome of work whose caller may have left (no 'never retrieved')."""
+    if not work.cancelled() and work.exception() is not None:
+        log.debug("a message finished with %r after its caller left", work.exception())
 
 
 def _check_tls_binding(opened: OpenedEnvelope, context: grpc.aio.ServicerContext) -> None:

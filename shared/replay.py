@@ -23,8 +23,11 @@ class MessageMemory:
     the first to finish.
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession],
+                 write_lock: asyncio.Lock | None = None) -> None:
         self._sessions = sessions
+        # The daemon's one write lock (AuditTrail.write_lock), taken for each write.
+        self._write_lock = write_lock or asyncio.Lock()
         # Per message id in flight: its lock and how many calls hold or await it.
         self._inflight: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
 
@@ -39,7 +42,7 @@ class MessageMemory:
         users[0] += 1
         try:
             async with lock:
-                async with self._sessions() as session, session.begin():
+                async with self._write_lock, self._sessions() as session, session.begin():
                     seen = await session.get(models.SeenMessage, key)
                     if seen is None:
                         session.add(models.SeenMessage(
@@ -65,13 +68,13 @@ class MessageMemory:
                     answer = await handle()
                 except BaseException:
                     # Nothing was answered: free the id so a retry is handled afresh.
-                    async with self._sessions() as session, session.begin():
+                    async with self._write_lock, self._sessions() as session, session.begin():
                         await session.execute(
                             delete(models.SeenMessage)
                             .where(models.SeenMessage.sender == env.sender,
                                    models.SeenMessage.message_id == env.message_id))
                     raise
-                async with self._sessions() as session, session.begin():
+                async with self._write_lock, self._sessions() as session, session.begin():
                     await session.execute(
                         update(models.SeenMessage)
                         .where(models.SeenMessage.sender == env.sender,
@@ -85,7 +88,7 @@ class MessageMemory:
 
     async def forget_older_than(self, cutoff_ms: int) -> int:
         """Drop ids received before cutoff_ms (only ever past the skew window)."""
-        async with self._sessions() as session, session.begin():
+        async with self._write_lock, self._sessions() as session, session.begin():
             result = await session.execute(
                 delete(models.SeenMessage).where(models.SeenMessage.received_at_ms < cutoff_ms))
         return int(getattr(result, "rowcount", 0) or 0)

@@ -121,6 +121,9 @@ class KeyAnnouncer:
         self._channels = channels
         self._stub = stub
         self._key_mtime = self._mtime()
+        # Whether a rotation may be in its grace: true at start and after the key file
+        # changes; false once a round found none (then a round is one stat() call).
+        self._maybe_pending = True
 
     async def run(self) -> None:
         while True:
@@ -142,6 +145,7 @@ class KeyAnnouncer:
         if mtime == self._key_mtime:
             return
         self._key_mtime = mtime
+        self._maybe_pending = True
         key = load_private_key(self._cfg.key_path)
         if key_id_for(_raw(key)) != self._identity.key_id:
             old = self._identity.key_id
@@ -150,12 +154,15 @@ class KeyAnnouncer:
 
     async def tick(self) -> None:
         self.follow_key_file()
+        if not self._maybe_pending:
+            return
         now = now_ms()
         async with self._sessions() as session:
             rotations = list((await session.execute(
                 select(models.KeyRotation).where(models.KeyRotation.grace_until_ms > now)
                 .order_by(models.KeyRotation.id))).scalars())
             if not rotations:
+                self._maybe_pending = False
                 return
             acked = set((await session.execute(
                 select(models.KeyAnnouncement.rotation_id, models.KeyAnnouncement.peer)
@@ -163,6 +170,8 @@ class KeyAnnouncer:
             peers = list((await session.execute(
                 select(models.Peer.name, models.Peer.address)
                 .where(models.Peer.state == ACTIVE, models.Peer.address != ""))).tuples())
+        # While a rotation is in its grace, every round looks again: a peer may come
+        # back, be resumed or get an address.
         for rotation in rotations:
             for name, address in peers:
                 if (rotation.id, name) in acked:

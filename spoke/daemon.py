@@ -25,8 +25,8 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
     identity = load_identity(cfg.name, cfg.key_path)
     engine = make_engine(cfg.db_url)
     sessions = make_sessions(engine)
-    memory = MessageMemory(sessions)
     trail = AuditTrail(sessions)
+    memory = MessageMemory(sessions, trail.write_lock)
     commands = SpokeCommands(cfg, sessions, trail)
     await commands.recover()
     if insecure:

@@ -105,7 +105,7 @@ class StatusReporter:
             except HubUnreachable as exc:
                 failed.append(f"{hub}: {exc}")
                 continue
-            async with self._sessions() as session, session.begin():
+            async with self._trail.transaction() as session:
                 await session.execute(delete(models.OutboxEntry).where(
                     models.OutboxEntry.id.in_([e.id for e in batch])))
         if failed:

@@ -237,3 +237,29 @@ async def test_daemons_report_serving_on_grpc_health(federation: Federation) -> 
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("deadline", [0.005, 0.02, 0.05, 0.1])
+async def test_a_spawn_whose_caller_gave_up_still_runs_once(federation: Federation,
+                                                            deadline: float) -> None:
+    """The first attempt's deadline passes at some point of the spawn (or not at all);
+    wherever it was cut, the spoke finishes the spawn, and the retry of the same bytes
+    gets an agent that runs, once — never a record left PENDING."""
+    agent_id = new_id()
+    signed = seal_envelope(hub_identity(federation), recipient="spoke-a",
+                           command=command("spawn", agent_id))
+    async with federation.peer_channel(federation.hub.name, "spoke-a") as channel:
+        stub = wire_pb2_grpc.SpokeServiceStub(channel)
+        try:
+            await stub.Deliver(signed, timeout=deadline)
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        retried = await stub.Deliver(signed, timeout=20)
+        agent = wire_pb2.Envelope.FromString(retried.envelope).response.agent
+        assert agent.agent_id == agent_id and state(agent) == "RUNNING"
+        assert len(processes_with_marker(agent_id)) == 1
+        kill = seal_envelope(hub_identity(federation), recipient="spoke-a",
+                             command=command("kill", agent_id))
+        killed = await stub.Deliver(kill, timeout=20)
+    assert state(wire_pb2.Envelope.FromString(killed.envelope).response.agent) == "KILLED"
+    assert processes_with_marker(agent_id) == []
