@@ -120,8 +120,8 @@ async def open_envelope(
     key = await keyring.find_key(signed.key_id)
     if key is None:
         raise Unauthenticated(
-            f"envelope rejected: unknown key '{signed.key_id}'; add the sender with "
-            "`fleetwire peer add`"
+            f"envelope rejected: unknown key '{signed.key_id}'; join the sender "
+            "(`fleetwire join`) or add it with `fleetwire peer add`"
         )
     if not key.peer_active:
         raise Unauthenticated(

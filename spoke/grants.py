@@ -39,7 +39,8 @@ async def add_grant(
 ) -> None:
     p = await find_peer(session, peer)
     if p is None:
-        raise NotFound(f"peer '{peer}' not found; add the hub with `fleetwire peer add` first")
+        raise NotFound(f"peer '{peer}' not found; join the hub first (`fleetwire join`) or "
+                       "add it with `fleetwire peer add`")
     t = await require_tenant(session, tenant)
     if workspace is not None:
         check_slug("workspace", workspace)
