@@ -11,6 +11,7 @@ envelope's signer.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import ipaddress
 import os
@@ -31,8 +32,10 @@ CERT_DAYS = 3650
 FINGERPRINT_PREFIX = "sha256:"
 
 
+@functools.lru_cache(maxsize=1024)
 def fingerprint(cert_pem: bytes) -> str:
-    """sha256:HEX of the certificate's DER bytes (what `--hub-ca sha256:...` pins)."""
+    """sha256:HEX of the certificate's DER bytes (what `--hub-ca sha256:...` pins).
+    Cached: the inbox asks for it on every message, with the same few certificates."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
