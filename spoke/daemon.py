@@ -22,26 +22,33 @@ from spoke.service import SpokeService
 
 async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
                     advertise: str = "") -> None:
+    # Everything that can refuse the start comes before anything that acts (adopting
+    # agents, making cgroups).
     identity = load_identity(cfg.name, cfg.key_path)
+    if insecure:
+        refuse_plaintext_off_loopback(listen, "the spoke's command API")
     engine = make_engine(cfg.db_url)
     sessions = make_sessions(engine)
+    certs = await peer_certs(cfg, sessions, insecure)
     trail = AuditTrail(sessions)
     memory = MessageMemory(sessions, trail.write_lock)
     commands = SpokeCommands(cfg, sessions, trail)
-    await commands.recover()
-    if insecure:
-        refuse_plaintext_off_loopback(listen, "the spoke's command API")
-    certs = await peer_certs(cfg, sessions, insecure)
     inbox = EnvelopeInbox(identity, DbKeyring(sessions), memory, trail,
                           skew_ms=cfg.wire.max_clock_skew_seconds * 1000,
                           mutual_tls=certs is not None)
     service = SpokeService(inbox, commands, trail)
-    server, (port,) = await start_server([
-        Listen(listen, certs.mutual_tls() if certs is not None else None),
-    ], [
-        lambda s: wire_pb2_grpc.add_SpokeServiceServicer_to_server(service, s),
-        lambda s: add_health(s, "fleetwire.v1.SpokeService"),
-    ], cfg.keepalive)
+    try:
+        # Before serving: a kill must find the agents it re-adopts.
+        await commands.recover()
+        server, (port,) = await start_server([
+            Listen(listen, certs.mutual_tls() if certs is not None else None),
+        ], [
+            lambda s: wire_pb2_grpc.add_SpokeServiceServicer_to_server(service, s),
+            lambda s: add_health(s, "fleetwire.v1.SpokeService"),
+        ], cfg.keepalive)
+    except BaseException:
+        commands.cgroups.close()
+        raise
     announce("spoke", cfg, listen.rpartition(":")[0], port)
     reporter = StatusReporter(cfg, identity, DbKeyring(sessions), sessions, trail, certs,
                               advertise=advertised(listen, port, advertise))

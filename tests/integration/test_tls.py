@@ -128,6 +128,8 @@ def test_a_key_file_others_can_read_is_refused(fed: Federation, key_file: str) -
     assert result.returncode == 2
     assert f"{home / key_file} is readable by others (mode 644)" in result.stderr
     assert f"chmod 600 {home / key_file}" in result.stderr
+    # Refused before it acted: no cgroup folder made for it, no agent touched.
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/fleetwire-{home.name}"))
 
 
 async def test_operator_api_over_tls_with_a_ca_file_or_a_pin(fed: Federation) -> None:
