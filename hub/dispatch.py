@@ -19,13 +19,11 @@ from tenacity import (
 )
 
 from shared.config import Config
-from shared.envelope import Keyring, open_envelope, seal_envelope
+from shared.envelope import Keyring, open_reply, seal_envelope
 from shared.errors import (
-    FleetwireError,
     Unauthenticated,
     Unavailable,
     from_rpc_error,
-    from_wire_error,
 )
 from shared.identity import Identity
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
@@ -102,23 +100,15 @@ class SpokeDispatcher:
     async def _verify(self, spoke: str, message_id: str,
                       reply: wire_pb2.SignedEnvelope) -> wire_pb2.Response:
         try:
-            opened = await open_envelope(reply, keyring=self._keyring, me=self._identity.name,
-                                         skew_ms=self._cfg.wire.max_clock_skew_seconds * 1000)
-        except FleetwireError as err:
-            log.warning("answer from spoke %s rejected: %s", spoke, err.message)
+            return await open_reply(reply, keyring=self._keyring, me=self._identity.name,
+                                    peer=spoke, message_id=message_id,
+                                    skew_ms=self._cfg.wire.max_clock_skew_seconds * 1000)
+        except Unauthenticated as err:
+            log.warning("answer from spoke %s to %s rejected: %s", spoke, message_id,
+                        err.message)
             raise Unauthenticated(
                 f"the answer from spoke '{spoke}' failed verification: {err.message}"
             ) from None
-        env = opened.envelope
-        if (env.sender != spoke or env.in_reply_to != message_id
-                or env.WhichOneof("body") != "response"):
-            log.warning("answer from spoke %s does not match command %s", spoke, message_id)
-            raise Unauthenticated(
-                f"the answer from spoke '{spoke}' is not a signed reply to this command")
-        response = env.response
-        if response.WhichOneof("result") == "error":
-            raise from_wire_error(response.error)
-        return response
 
     async def close(self) -> None:
         await self._channels.close()

@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
-from shared.errors import InvalidArgument, Unauthenticated
+from shared.errors import InvalidArgument, Unauthenticated, from_wire_error
 from shared.identity import Identity
 from shared.pb.v1 import wire_pb2
 
@@ -162,3 +162,20 @@ async def open_envelope(
     if not env.message_id or len(env.message_id) > 64:
         raise InvalidArgument("envelope rejected: message_id must be 1 to 64 characters")
     return OpenedEnvelope(envelope=env, raw=raw, sender_tls_fingerprint=key.tls_fingerprint)
+
+
+async def open_reply(
+    reply: wire_pb2.SignedEnvelope, *, keyring: Keyring, me: str, peer: str,
+    message_id: str, skew_ms: int = DEFAULT_SKEW_MS,
+) -> wire_pb2.Response:
+    """The Response in `peer`'s signed answer to our `message_id` (DESIGN.md rule 4:
+    verified, then sender and in_reply_to checked). Unauthenticated if it is not that;
+    the peer's signed Error is raised as the error it carries."""
+    env = (await open_envelope(reply, keyring=keyring, me=me, skew_ms=skew_ms)).envelope
+    if (env.sender != peer or env.in_reply_to != message_id
+            or env.WhichOneof("body") != "response"):
+        raise Unauthenticated(f"the answer is not '{peer}''s signed reply to message "
+                              f"{message_id}")
+    if env.response.WhichOneof("result") == "error":
+        raise from_wire_error(env.response.error)
+    return env.response

@@ -38,6 +38,12 @@ def decode_public_key(text: str) -> bytes:
     return raw
 
 
+def public_bytes(key: Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte public key of a private key."""
+    return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)
+
+
 class Identity:
     """This instance's name and current signing key. A running daemon switches to a new
     key in place (`use`) after `fleetwire identity rotate`, so everything holding the
@@ -49,8 +55,7 @@ class Identity:
 
     def use(self, private_key: Ed25519PrivateKey) -> None:
         self.private_key = private_key
-        self.public_key: bytes = private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.public_key: bytes = public_bytes(private_key)
         self.key_id: str = key_id_for(self.public_key)
 
     @property

@@ -25,9 +25,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.audit import ALLOWED, AuditEntry, AuditTrail, append_audit
 from shared.config import Config
 from shared.db import models
-from shared.envelope import Keyring, OpenedEnvelope, now_ms, open_envelope, seal_envelope
-from shared.errors import FleetwireError, InvalidArgument, ResourceExhausted, from_wire_error
-from shared.identity import Identity, key_id_for, load_private_key, write_key_file
+from shared.envelope import Keyring, OpenedEnvelope, now_ms, open_reply, seal_envelope
+from shared.errors import FleetwireError, InvalidArgument, ResourceExhausted
+from shared.identity import (
+    Identity,
+    key_id_for,
+    load_private_key,
+    public_bytes,
+    write_key_file,
+)
 from shared.pb.v1 import wire_pb2
 from shared.peers import ACTIVE, MAX_ACTIVE_KEYS, MAX_KEY_GRACE_MS, accept_key_announcement
 from shared.rpc import PeerChannels
@@ -63,7 +69,7 @@ async def rotate_key(session: AsyncSession, cfg: Config, grace_seconds: float) -
             f"{(ends - now) // 1000 + 1} s, when the oldest grace ends",
             retry_after_ms=ends - now)
     old = load_private_key(cfg.key_path)
-    old_id = key_id_for(_raw(old))
+    old_id = key_id_for(public_bytes(old))
     retired = cfg.home / RETIRED_DIR
     retired.mkdir(mode=0o700, exist_ok=True)
     kept = retired / f"{old_id}.key"
@@ -73,18 +79,14 @@ async def rotate_key(session: AsyncSession, cfg: Config, grace_seconds: float) -
     staged = cfg.home / "identity.key.new"
     staged.unlink(missing_ok=True)
     write_key_file(staged, new)
-    rotated = Rotated(old_key_id=old_id, new_key_id=key_id_for(_raw(new)),
+    rotated = Rotated(old_key_id=old_id, new_key_id=key_id_for(public_bytes(new)),
                       grace_until_ms=now + grace_ms)
     session.add(models.KeyRotation(old_key_id=old_id, new_key_id=rotated.new_key_id,
-                                   new_public_key=_raw(new), grace_until_ms=now + grace_ms,
+                                   new_public_key=public_bytes(new), grace_until_ms=now + grace_ms,
                                    created_at_ms=now))
     await session.flush()
     os.replace(staged, cfg.key_path)  # the switch itself, atomic
     return rotated
-
-
-def _raw(key: Ed25519PrivateKey) -> bytes:
-    return Identity(name="", private_key=key).public_key
 
 
 async def take_announcement(trail: AuditTrail, opened: OpenedEnvelope) -> wire_pb2.Response:
@@ -147,7 +149,7 @@ class KeyAnnouncer:
         self._key_mtime = mtime
         self._maybe_pending = True
         key = load_private_key(self._cfg.key_path)
-        if key_id_for(_raw(key)) != self._identity.key_id:
+        if key_id_for(public_bytes(key)) != self._identity.key_id:
             old = self._identity.key_id
             self._identity.use(key)
             log.info("signing key rotated: %s -> %s", old, self._identity.key_id)
@@ -193,14 +195,10 @@ class KeyAnnouncer:
         message_id = wire_pb2.Envelope.FromString(signed.envelope).message_id
         stub = self._stub(await self._channels.get(peer, address))
         reply = await stub.Deliver(signed, timeout=ANNOUNCE_TIMEOUT_SECONDS)
-        opened = await open_envelope(reply, keyring=self._keyring, me=self._identity.name,
-                                     skew_ms=self._cfg.wire.max_clock_skew_seconds * 1000)
-        env = opened.envelope
-        if env.sender != peer or env.in_reply_to != message_id:
-            raise InvalidArgument("the answer is not a signed reply to the announcement")
-        if env.response.WhichOneof("result") == "error":
-            raise from_wire_error(env.response.error)
-        if env.response.WhichOneof("result") != "ack":
+        response = await open_reply(
+            reply, keyring=self._keyring, me=self._identity.name, peer=peer,
+            message_id=message_id, skew_ms=self._cfg.wire.max_clock_skew_seconds * 1000)
+        if response.WhichOneof("result") != "ack":
             raise InvalidArgument("the answer is not an acknowledgement")
         async with self._trail.transaction() as session:
             session.add(models.KeyAnnouncement(rotation_id=rotation.id, peer=peer,

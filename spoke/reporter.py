@@ -22,8 +22,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from shared.audit import AuditTrail
 from shared.config import Config
 from shared.db import models
-from shared.envelope import Keyring, open_envelope, seal_envelope
-from shared.errors import FleetwireError, from_wire_error
+from shared.envelope import Keyring, open_reply, seal_envelope
+from shared.errors import FleetwireError, Unauthenticated
 from shared.identity import Identity
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
 from shared.peers import ACTIVE
@@ -179,19 +179,16 @@ class StatusReporter:
             raise HubUnreachable(exc.message) from None
         try:
             reply = await stub.Deliver(signed, timeout=SEND_TIMEOUT_SECONDS)
-            opened = await open_envelope(reply, keyring=self._keyring, me=self._identity.name,
-                                         skew_ms=self._cfg.wire.max_clock_skew_seconds * 1000)
+            response = await open_reply(
+                reply, keyring=self._keyring, me=self._identity.name, peer=hub,
+                message_id=message_id, skew_ms=self._cfg.wire.max_clock_skew_seconds * 1000)
         except grpc.aio.AioRpcError as exc:
             raise HubUnreachable(f"{exc.code().name}: {exc.details()}") from None
-        except FleetwireError as exc:
+        except Unauthenticated as exc:
             raise HubUnreachable(f"its answer failed verification: {exc.message}") from None
-        env = opened.envelope
-        if env.sender != hub or env.in_reply_to != message_id:
-            raise HubUnreachable("its answer is not a signed reply to this message")
-        if env.response.WhichOneof("result") == "error":
-            err = from_wire_error(env.response.error)
-            raise HubUnreachable(f"refused: {err.message}")
-        if env.response.WhichOneof("result") != "ack":
+        except FleetwireError as exc:
+            raise HubUnreachable(f"refused: {exc.message}") from None
+        if response.WhichOneof("result") != "ack":
             raise HubUnreachable("its answer is not an acknowledgement")
 
 

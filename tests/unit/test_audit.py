@@ -28,7 +28,7 @@ from shared.audit import (
 )
 from shared.cli import build_cli
 from shared.db import models
-from shared.db.engine import make_engine, make_sessions, upgrade
+from shared.db.engine import make_engine, make_sessions
 
 T0 = 1_700_000_000_000
 FIELDS = ("action", "outcome", "tenant", "workspace", "principal", "peer", "target",
@@ -36,13 +36,6 @@ FIELDS = ("action", "outcome", "tenant", "workspace", "principal", "peer", "targ
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("audit-template") / "s.db"
-    upgrade(f"sqlite+aiosqlite:///{path}")
-    return path
 
 
 @pytest.fixture

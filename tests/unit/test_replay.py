@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select, update
 
 from shared.db import models
-from shared.db.engine import make_engine, make_sessions, upgrade
 from shared.envelope import (
     OpenedEnvelope,
     PeerKey,
@@ -38,24 +35,6 @@ class MemoryKeyring:
 
     async def find_key(self, key_id: str) -> PeerKey | None:
         return self.keys.get(key_id)
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One database migrated to head per module; each test gets a copy."""
-    path = tmp_path_factory.mktemp("replay-template") / "s.db"
-    upgrade(f"sqlite+aiosqlite:///{path}")
-    return path
-
-
-@pytest.fixture
-async def sessions(tmp_path: Path, migrated_db: Path):
-    shutil.copyfile(migrated_db, tmp_path / "s.db")
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/s.db")
-    try:
-        yield make_sessions(engine)
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture

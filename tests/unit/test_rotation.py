@@ -4,15 +4,10 @@ at most three keys at once, and nothing signed by an expired key gets through.""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.db.engine import make_engine, make_sessions, upgrade
 from shared.envelope import open_envelope, seal_envelope
 from shared.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from shared.identity import Identity
@@ -30,24 +25,6 @@ class Clock:
 
     def __call__(self) -> int:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("rotation-template") / "s.db"
-    upgrade(f"sqlite+aiosqlite:///{path}")
-    return path
-
-
-@pytest.fixture
-async def sessions(tmp_path: Path, migrated_db: Path
-                   ) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    shutil.copyfile(migrated_db, tmp_path / "s.db")
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path}/s.db")
-    try:
-        yield make_sessions(engine)
-    finally:
-        await engine.dispose()
 
 
 def new_key() -> Identity:
