@@ -17,7 +17,7 @@ from hub.daemon import run_hub
 from hub.join_cli import join_token
 from hub.remote import hub_options, iso_ms, with_hub
 from hub.token_cli import token
-from shared.cli import home_option, json_option, run_daemon
+from shared.cli import daemon_options, home_option, json_option, run_daemon
 from shared.config import Config
 from shared.daemon import with_port
 from shared.errors import InvalidArgument
@@ -40,17 +40,19 @@ def hub() -> None:
               "operators): only on loopback addresses, for trying things out.")
 @click.option("--operator-tls", is_flag=True, help="Serve the operator API with TLS on a "
               "loopback address too (it always is elsewhere).")
+@daemon_options
 def hub_run(home: Path, listen: str | None, peer_listen: str | None, insecure: bool,
-            operator_tls: bool) -> None:
+            operator_tls: bool, metrics_listen: str, log_format: str) -> None:
     """Run the hub daemon until SIGTERM or SIGINT."""
 
     def runner(cfg: Config) -> Coroutine[Any, Any, None]:
         op = listen or cfg.hub.listen
         peers = peer_listen or (with_port(op, 0) if listen and op.endswith(":0")
                                 else cfg.hub.peer_listen)
-        return run_hub(cfg, op, peers, insecure=insecure, operator_tls=operator_tls)
+        return run_hub(cfg, op, peers, insecure=insecure, operator_tls=operator_tls,
+                       metrics_listen=metrics_listen)
 
-    run_daemon(home, runner)
+    run_daemon(home, runner, log_format)
 
 
 def agent_json(a: wire_pb2.Agent) -> dict[str, Any]:

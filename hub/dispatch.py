@@ -26,6 +26,7 @@ from shared.errors import (
     from_rpc_error,
 )
 from shared.identity import Identity
+from shared.metrics import Metrics
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
 from shared.rpc import PeerCerts, PeerChannels
 
@@ -40,10 +41,11 @@ def _retryable(exc: BaseException) -> bool:
 
 class SpokeDispatcher:
     def __init__(self, cfg: Config, identity: Identity, keyring: Keyring,
-                 certs: PeerCerts | None) -> None:
+                 certs: PeerCerts | None, metrics: Metrics) -> None:
         self._cfg = cfg
         self._identity = identity
         self._keyring = keyring
+        self._metrics = metrics
         self._channels = PeerChannels(cfg.keepalive, certs)
 
     @property
@@ -69,6 +71,13 @@ class SpokeDispatcher:
                       signed: wire_pb2.SignedEnvelope, *,
                       extra_timeout: float = 0.0) -> wire_pb2.Response:
         """Send with retries (same bytes), verify the signed answer, raise its Error."""
+        kind = wire_pb2.Envelope.FromString(signed.envelope).command.WhichOneof("action")
+        with self._metrics.command(kind or "none"):
+            return await self._deliver(spoke, address, message_id, signed, extra_timeout)
+
+    async def _deliver(self, spoke: str, address: str, message_id: str,
+                       signed: wire_pb2.SignedEnvelope, extra_timeout: float
+                       ) -> wire_pb2.Response:
         stub = await self._stub(spoke, address)
         retry = self._cfg.retry
         try:
@@ -105,7 +114,7 @@ class SpokeDispatcher:
                                     skew_ms=self._cfg.wire.max_clock_skew_seconds * 1000)
         except Unauthenticated as err:
             log.warning("answer from spoke %s to %s rejected: %s", spoke, message_id,
-                        err.message)
+                        err.message, extra={"peer": spoke, "message_id": message_id})
             raise Unauthenticated(
                 f"the answer from spoke '{spoke}' failed verification: {err.message}"
             ) from None

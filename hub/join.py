@@ -148,7 +148,7 @@ class JoinService(wire_pb2_grpc.JoinServiceServicer):
                 action="peer.join", outcome=REFUSED, peer=name[:64], target=name[:64],
                 reason=err.message))
             await abort(context, err)
-        log.info("spoke %s joined (%s)", info.name, info.state)
+        log.info("spoke %s joined (%s)", info.name, info.state, extra={"peer": info.name})
         await self._on_joined()
         return wire_pb2.JoinResponse(hub_name=self._identity.name,
                                      public_key=self._identity.public_key,

@@ -259,6 +259,14 @@ class HubOperator:
                                    agents_by_state=counts.get(name, {}))
             for name, peer in (await self._spokes()).items()])
 
+    async def spoke_statuses(self) -> dict[str, int]:
+        """How many spokes are ONLINE, OFFLINE and UNKNOWN (all tenants; for metrics)."""
+        counts: dict[str, int] = {}
+        for peer in (await self._spokes()).values():
+            status = self._status(peer)
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
     async def create_workspace(self, req: operator_pb2.CreateWorkspaceRequest
                                ) -> wire_pb2.Workspace:
         """Ask a spoke to make a workspace in the caller's tenant (admins only)."""

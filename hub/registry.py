@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.events import AgentEvents
@@ -60,6 +60,14 @@ class HubRegistry:
         async with self._trail.reader() as session:
             return list((await session.execute(
                 query.order_by(models.HubAgent.updated_at_ms))).scalars())
+
+    async def count_by_state(self) -> dict[str, int]:
+        """How many agents the registry holds in each state, all tenants (for metrics,
+        never for an operator)."""
+        async with self._trail.reader() as session:
+            rows = await session.execute(
+                select(models.HubAgent.state, func.count()).group_by(models.HubAgent.state))
+            return {state: int(count) for state, count in rows.tuples()}
 
     async def record_pending(self, *, agent_id: str, spoke: str, workspace: str,
                              template: str, message_id: str) -> None:
@@ -114,7 +122,9 @@ class HubRegistry:
     async def _apply(self, session: AsyncSession, spoke: str, agent: wire_pb2.Agent, *,
                      adopt_unknown: bool) -> wire_pb2.Agent | None:
         """Store agent if it is newer than what the registry has; return what changed."""
-        row = await session.get(models.HubAgent, agent.agent_id)
+        # Locked until commit: a second hub process on the same database applying
+        # another report of this agent waits, then sees this one's sequence number.
+        row = await session.get(models.HubAgent, agent.agent_id, with_for_update=True)
         if row is None:
             if not adopt_unknown:
                 return None

@@ -16,6 +16,7 @@ from shared.audit import REFUSED, AuditEntry, AuditTrail, append_audit
 from shared.config import SLUG_RE, check_name
 from shared.envelope import now_ms
 from shared.errors import FleetwireError, Internal, InvalidArgument, Unauthenticated, abort
+from shared.metrics import Metrics
 from shared.pb.v1 import operator_pb2, operator_pb2_grpc, wire_pb2
 from shared.scope import Action, Role, Scope, current_scope, require_role, use_scope
 
@@ -33,16 +34,20 @@ def _authorized(action: str) -> Callable[[Handler[R]], Handler[R]]:
         async def wrapper(self: OperatorService, request: Any,
                           context: grpc.aio.ServicerContext) -> R:
             auth: Authenticated | None = None
-            try:
-                auth = await self._authenticate(context)
-                scope = Scope(tenant=auth.tenant, workspace=None, principal=auth.principal)
-                with use_scope(scope):
-                    return await method(self, request, context)
-            except FleetwireError as err:
-                refusal = err
-            except Exception:
-                log.exception("operator request failed")
-                refusal = Internal("internal error on the hub; its log has the details")
+            with self._metrics.operator_request(method.__name__) as observed:
+                try:
+                    auth = await self._authenticate(context)
+                    scope = Scope(tenant=auth.tenant, workspace=None,
+                                  principal=auth.principal)
+                    with use_scope(scope):
+                        return await method(self, request, context)
+                except FleetwireError as err:
+                    refusal = err
+                except Exception:
+                    log.exception("operator request %s failed", method.__name__,
+                                  extra={"tenant": auth.tenant if auth else ""})
+                    refusal = Internal("internal error on the hub; its log has the details")
+                observed.refused(refusal)
             await self._refused(action, auth, request, refusal)
             await abort(context, refusal)
 
@@ -52,9 +57,10 @@ def _authorized(action: str) -> Callable[[Handler[R]], Handler[R]]:
 
 
 class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
-    def __init__(self, trail: AuditTrail, operator: HubOperator) -> None:
+    def __init__(self, trail: AuditTrail, operator: HubOperator, metrics: Metrics) -> None:
         self._trail = trail
         self._operator = operator
+        self._metrics = metrics
         self._tokens = TenantTokens(trail)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> Authenticated:

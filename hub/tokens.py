@@ -63,6 +63,10 @@ def describe_retired(issued: Issued) -> str:
 
 async def _issue(session: AsyncSession, *, tenant_id: int, principal: str, role: Role,
                  now_ms: int, in_grace: int | None = None) -> Issued:
+    # The tenant's row is locked until commit, so that concurrent issues for it (in any
+    # process sharing the database) count working tokens one after another.
+    await session.execute(select(models.Tenant.id).where(models.Tenant.id == tenant_id)
+                          .with_for_update())
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = models.OperatorToken(token_sha256=token_digest(token), tenant_id=tenant_id,
                                principal=principal, role=role.value, created_at_ms=now_ms)

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import models
+from shared.db.engine import AUDIT_CHAIN_LOCK, lock_for_transaction
 from shared.envelope import now_ms
 
 GENESIS = "0" * 64
@@ -54,7 +55,10 @@ def record_hash(seq: int, at_ms: int, fields: dict[str, str], prev_hash: str) ->
 
 async def append_audit(session: AsyncSession, entry: AuditEntry,
                        at_ms: int | None = None) -> models.AuditRecord:
-    """Append entry to the chain inside the caller's transaction."""
+    """Append entry to the chain inside the caller's transaction. On a database shared
+    by several processes (two hubs on one PostgreSQL), the chain's tail is locked until
+    the transaction ends, so two appends never take the same place."""
+    await lock_for_transaction(session, AUDIT_CHAIN_LOCK)
     tail = (await session.execute(
         select(models.AuditRecord.seq, models.AuditRecord.hash)
         .order_by(models.AuditRecord.seq.desc()).limit(1))).first()
@@ -96,8 +100,14 @@ class AuditTrail:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A transaction that may append audit records (and change anything else)."""
+        """A transaction that may append audit records (and change anything else).
+
+        On PostgreSQL it takes the audit chain's lock first, before any row lock, so
+        that transactions of two processes sharing the database always lock in the same
+        order and never deadlock; they are serialised, as SQLite's are.
+        """
         async with self._lock, self._sessions() as session, session.begin():
+            await lock_for_transaction(session, AUDIT_CHAIN_LOCK)
             yield session
 
     async def record(self, entry: AuditEntry) -> None:

@@ -17,15 +17,30 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import ALLOWED, REFUSED, AuditEntry, append_audit, load_records, verify_chain
-from shared.config import Config, check_name, default_config_text, load_config
-from shared.db.engine import make_engine, make_sessions, upgrade
+from shared.config import (
+    Config,
+    check_name,
+    config_report,
+    config_report_text,
+    default_config_text,
+    load_config,
+)
+from shared.db.engine import (
+    AUDIT_CHAIN_LOCK,
+    current_revision,
+    lock_for_transaction,
+    make_engine,
+    make_sessions,
+    upgrade,
+)
 from shared.durations import describe, parse_duration
 from shared.errors import FleetwireError, InvalidArgument, Unavailable
 from shared.identity import decode_public_key, generate_key_file, load_identity
+from shared.log_format import FORMATS, setup_logging
 from shared.peers import add_peer, change_peer_state, list_peers
 from shared.rotation import rotate_key
 from shared.tenancy import create_tenant, create_workspace, list_tenants
@@ -100,6 +115,8 @@ def with_session(home: Path, fn: Callable[[AsyncSession, Config], Awaitable[T]],
         try:
             try:
                 async with sessions() as session, session.begin():
+                    if audit is not None:  # the chain's lock first, as AuditTrail does
+                        await lock_for_transaction(session, AUDIT_CHAIN_LOCK)
                     result = await fn(session, cfg)
                     if audit is not None and audit_success:
                         await append_audit(session, audit)
@@ -142,9 +159,14 @@ def init(home: Path, name: str) -> None:
         raise InvalidArgument(f"{home} already holds an instance; pick another --home")
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
-    generate_key_file(home / "identity.key")
     (home / "config.toml").write_text(default_config_text(name))
-    cfg = load_config(home)
+    try:
+        cfg = load_config(home)
+    except InvalidArgument:
+        # A bad FLEETWIRE_ variable: leave nothing behind, so init can be run again.
+        (home / "config.toml").unlink()
+        raise
+    generate_key_file(home / "identity.key")
     make_certificate(name, cfg.tls_key_path, cfg.tls_cert_path)
     upgrade(cfg.db_url)
     ident = load_identity(name, cfg.key_path)
@@ -152,6 +174,21 @@ def init(home: Path, name: str) -> None:
         "instance.init", target=name, reason=f"key_id {ident.key_id}")))
     click.echo(f"initialized '{name}' in {home} (key_id {ident.key_id}, TLS "
                f"{fingerprint(cfg.tls_cert_path.read_bytes())})")
+
+
+@root.command()
+@home_option
+def migrate(home: Path) -> None:
+    """Bring the instance's database (SQLite or PostgreSQL, from config.toml [database]
+    or FLEETWIRE_DATABASE_URL) to the newest schema. Daemons do it when they start;
+    run it after pointing an instance at a new database, before other commands."""
+    cfg = load_config(home)
+    try:
+        upgrade(cfg.db_url)
+    except (OSError, SQLAlchemyError) as exc:
+        raise Unavailable(f"cannot migrate the database of {home}: {exc}; check "
+                          "[database] url and that the server is up") from None
+    click.echo(f"database of '{cfg.name}' at schema {current_revision(cfg.db_url)}")
 
 
 @root.group()
@@ -392,12 +429,40 @@ def audit_verify(home: Path) -> None:
     click.echo(f"audit trail intact: {len(records)} records, head {head}")
 
 
-def run_daemon(home: Path, runner: Callable[[Config], Coroutine[Any, Any, None]]) -> None:
-    """Start a daemon: migrate its database, then serve until SIGTERM/SIGINT."""
-    from shared.daemon import setup_logging
+@root.group("config")
+def config_group() -> None:
+    """The instance's configuration: config.toml and FLEETWIRE_* variables."""
 
-    setup_logging()
+
+@config_group.command("show")
+@home_option
+@json_option
+def config_show(home: Path, as_json: bool) -> None:
+    """Print the configuration in effect: every setting with where it came from (the
+    file, a FLEETWIRE_<SECTION>_<KEY> variable or the default) and the templates.
+    Passwords in the database URL and secret-looking template env values show as ***."""
+    report = config_report(load_config(home))
+    emit(report, as_json, config_report_text(report))
+
+
+def daemon_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--metrics and --log-format, which `hub run` and `spoke run` both take."""
+    f = click.option(
+        "--log-format", type=click.Choice(FORMATS), default="json", show_default=True,
+        envvar="FLEETWIRE_LOG_FORMAT", help="Log lines on stderr: one JSON object each, "
+        "or text for a person (or FLEETWIRE_LOG_FORMAT).")(f)
+    return click.option(
+        "--metrics", "metrics_listen", default="", envvar="FLEETWIRE_METRICS",
+        metavar="HOST:PORT", help="Serve Prometheus metrics over plain HTTP at "
+        "http://HOST:PORT/metrics (port 0: any free port; or FLEETWIRE_METRICS); off by "
+        "default.")(f)
+
+
+def run_daemon(home: Path, runner: Callable[[Config], Coroutine[Any, Any, None]],
+               log_format: str = "json") -> None:
+    """Start a daemon: migrate its database, then serve until SIGTERM/SIGINT."""
     cfg = load_config(home)
+    setup_logging(cfg.name, log_format)
     upgrade(cfg.db_url)
     asyncio.run(runner(cfg))
 

@@ -1,14 +1,21 @@
 """Instance configuration: config.toml read into frozen dataclasses.
 
 Defaults are written down once, here. A bad file fails at start-up with the key and the
-reason, never later in a request.
+reason, never later in a request. Every setting can also be set by an environment
+variable FLEETWIRE_<SECTION>_<KEY>, which wins over the file; templates are definitions,
+not settings, and are read from the file only.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
+import os
 import re
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +142,9 @@ class Config:
     spoke: SpokeConfig = SpokeConfig()
     database: DatabaseConfig = DatabaseConfig()
     templates: dict[str, TemplateConfig] = field(default_factory=dict)
+    # Where each setting came from, by "section.key": "default", "file" or the name of
+    # the FLEETWIRE_ variable that set it.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def key_path(self) -> Path:
@@ -225,7 +235,7 @@ _ZERO_IS_UNLIMITED = frozenset({"max_agents", "cap_memory_mb", "cap_cpu_seconds"
 LIMITS = ("memory_mb", "cpu_seconds", "open_files", "processes", "log_mb")
 
 
-def _check_positive(sections: dict[str, Any]) -> None:
+def _check_positive(sections: dict[str, Any], label: Callable[[str, str], str]) -> None:
     """Durations, counts and sizes must be positive: a zero skew would refuse everything."""
     for section, value in sections.items():
         for f in fields(value):
@@ -234,13 +244,113 @@ def _check_positive(sections: dict[str, Any]) -> None:
                 continue
             if f.name in _ZERO_IS_UNLIMITED:
                 if v < 0:
-                    raise InvalidArgument(f"{section}.{f.name}: must be 0 (no limit) or more")
+                    raise InvalidArgument(f"{label(section, f.name)}: must be 0 (no limit) "
+                                          "or more")
             elif v <= 0:
-                raise InvalidArgument(f"{section}.{f.name}: must be greater than 0")
+                raise InvalidArgument(f"{label(section, f.name)}: must be greater than 0")
 
 
-def load_config(home: Path) -> Config:
-    """Read <home>/config.toml; raise InvalidArgument naming the bad key."""
+SECTIONS: dict[str, type[Any]] = {
+    "wire": WireConfig, "retry": RetryConfig, "keepalive": KeepAliveConfig,
+    "hub": HubConfig, "spoke": SpokeConfig, "database": DatabaseConfig,
+}
+# Every setting and its type, by section; [instance] is the name alone.
+SETTINGS: dict[str, dict[str, type[Any]]] = {
+    "instance": {"name": str},
+    **{section: {f.name: type(f.default) for f in fields(cls)}
+       for section, cls in SECTIONS.items()},
+}
+ENV_PREFIX = "FLEETWIRE_"
+# Variables under a section's prefix that are not settings but the CLI's own options.
+# FLEETWIRE_HOME, FLEETWIRE_HUB, FLEETWIRE_TOKEN and the like need no entry: no
+# section's prefix (FLEETWIRE_HUB_, ...) covers them.
+NOT_SETTINGS = frozenset({"FLEETWIRE_HUB_CA"})
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no"})
+
+
+def env_var(section: str, key: str) -> str:
+    """The environment variable of a setting: FLEETWIRE_HUB_LISTEN for hub.listen."""
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def _from_env(var: str, kind: type[Any], raw: str) -> Any:
+    """A variable's text as its setting's type (a list as the file's TOML would give)."""
+    if kind is tuple:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if kind is bool:
+        if raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        problem = "must be true or false (or 1/0, yes/no)"
+    elif kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            problem = "must be a whole number"
+    elif kind is float:
+        try:
+            number = float(raw)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number):
+            return number
+        problem = "must be a number"
+    else:
+        return raw
+    raise InvalidArgument(f"{var}: {problem}, not {raw!r}; correct it or unset it")
+
+
+def _env_settings(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str, Any]]]:
+    """The settings FLEETWIRE_<SECTION>_<KEY> variables set: section -> key -> (variable,
+    value). A variable under a section's prefix that names no setting is refused, so a
+    typo cannot leave a default silently in force."""
+    found: dict[str, dict[str, tuple[str, Any]]] = {}
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or var in NOT_SETTINGS:
+            continue
+        if var.startswith(env_var("templates", "")):
+            raise InvalidArgument(f"{var}: templates are read from config.toml only; define "
+                                  "the template in a [templates.NAME] table and unset it")
+        section = next((s for s in SETTINGS if var.startswith(env_var(s, ""))), None)
+        if section is None:
+            continue
+        key = var.removeprefix(env_var(section, "")).lower()
+        kind = SETTINGS[section].get(key)
+        if kind is None or var != env_var(section, key):
+            names = [env_var(section, k) for k in SETTINGS[section]]
+            close = difflib.get_close_matches(var, names, n=1)
+            raise InvalidArgument(
+                f"{var}: no such setting" + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; the [{section}] settings are {', '.join(names)}; rename or unset it")
+        found.setdefault(section, {})[key] = (var, _from_env(var, kind, raw))
+    return found
+
+
+def _apply_env(data: dict[str, Any], instance: dict[str, Any],
+               environ: Mapping[str, str]) -> dict[str, str]:
+    """Put the environment's settings over the file's tables (so the same checks apply
+    to both) and say where each setting comes from."""
+    overrides = _env_settings(environ)
+    sources: dict[str, str] = {}
+    for section, kinds in SETTINGS.items():
+        table = instance if section == "instance" else data.get(section, {})
+        if not isinstance(table, dict):
+            continue  # refused as "[section] must be a table" when it is built
+        set_here = overrides.get(section, {})
+        for key in kinds:
+            sources[f"{section}.{key}"] = (set_here[key][0] if key in set_here
+                                           else "file" if key in table else "default")
+        if set_here:
+            table.update({key: value for key, (_, value) in set_here.items()})
+            if section != "instance":
+                data[section] = table
+    return sources
+
+
+def load_config(home: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read <home>/config.toml and the FLEETWIRE_<SECTION>_<KEY> variables of environ
+    (default: os.environ), which win over the file; raise InvalidArgument naming the bad
+    key or variable."""
     path = home / "config.toml"
     try:
         data = tomllib.loads(path.read_text())
@@ -257,38 +367,43 @@ def load_config(home: Path) -> Config:
         for key in instance:
             if key != "name":
                 raise InvalidArgument(f"instance.{key}: unknown key")
+        sources = _apply_env(data, instance, os.environ if environ is None else environ)
+
+        def label(section: str, key: str) -> str:
+            """How a complaint names a setting: its variable if the environment set it."""
+            source = sources.get(f"{section}.{key}", "")
+            return source if source.startswith(ENV_PREFIX) else f"{section}.{key}"
+
         name = instance.get("name")
         if not isinstance(name, str):
             raise InvalidArgument("instance.name: required string")
-        check_name("instance.name", name)
-        sections = {
-            "wire": WireConfig, "retry": RetryConfig, "keepalive": KeepAliveConfig,
-            "hub": HubConfig, "spoke": SpokeConfig, "database": DatabaseConfig,
-        }
+        check_name(label("instance", "name"), name)
         built: dict[str, Any] = {}
-        for key, cls in sections.items():
+        for key, cls in SECTIONS.items():
             if key in data:
                 built[key] = _table(cls, data.pop(key), key)
         raw_templates = data.pop("templates", {})
         if not isinstance(raw_templates, dict):
             raise InvalidArgument("[templates] must be a table of [templates.NAME] tables")
         templates = {n: _template(n, t) for n, t in raw_templates.items()}
-        _check_positive(built)
+        _check_positive(built, label)
         if data:
             raise InvalidArgument(f"{', '.join(sorted(data))}: unknown section")
+        cfg = Config(home=home, name=name, templates=templates, sources=sources, **built)
+        for tpl in templates.values():
+            for n in LIMITS:
+                own, cap = getattr(tpl, f"max_{n}"), getattr(cfg.spoke, f"cap_{n}")
+                if cap and own > cap:
+                    raise InvalidArgument(f"templates.{tpl.name}.max_{n} = {own} exceeds "
+                                          f"{label('spoke', f'cap_{n}')} = {cap}")
+        if cfg.wire.message_retention_seconds <= 2 * cfg.wire.max_clock_skew_seconds:
+            raise InvalidArgument(
+                f"{label('wire', 'message_retention_seconds')} must exceed twice "
+                f"{label('wire', 'max_clock_skew_seconds')}")
     except InvalidArgument as exc:
-        raise InvalidArgument(f"{path}: {exc.message}") from None
-    cfg = Config(home=home, name=name, templates=templates, **built)
-    for tpl in templates.values():
-        for n in LIMITS:
-            own, cap = getattr(tpl, f"max_{n}"), getattr(cfg.spoke, f"cap_{n}")
-            if cap and own > cap:
-                raise InvalidArgument(f"{path}: templates.{tpl.name}.max_{n} = {own} exceeds "
-                                      f"spoke.cap_{n} = {cap}")
-    if cfg.wire.message_retention_seconds <= 2 * cfg.wire.max_clock_skew_seconds:
-        raise InvalidArgument(
-            f"{path}: wire.message_retention_seconds must exceed twice max_clock_skew_seconds"
-        )
+        # A complaint about a variable is not about the file; anything else names it.
+        where = "" if exc.message.startswith(ENV_PREFIX) else f"{path}: "
+        raise InvalidArgument(f"{where}{exc.message}") from None
     return cfg
 
 
@@ -350,6 +465,84 @@ max_runtime_seconds = 3600
 # have its own limit: `fleetwire workspace create --max-agents N`.
 max_concurrent = 0
 '''
+
+
+MASK = "***"
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
+# The password as SQLAlchemy's make_url reads it: after the user's ':', up to the '@'.
+_URL_PASSWORD_RE = re.compile(r"^([\w+]+://[^:/]*):[^@]*@")
+_URL_QUERY_RE = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
+_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+\Z")
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a variable or parameter name suggests a secret value (TOKEN, KEY, ...)."""
+    return any(word in name.upper() for word in _SECRET_WORDS)
+
+
+def mask_url(url: str) -> str:
+    """A database URL with its password and secret-looking query values shown as ***."""
+    masked = _URL_PASSWORD_RE.sub(lambda m: f"{m[1]}:{MASK}@", url, count=1)
+    return _URL_QUERY_RE.sub(
+        lambda m: f"{m[1]}{m[2]}={MASK}" if looks_secret(m[2]) else m[0], masked)
+
+
+def config_report(cfg: Config) -> dict[str, Any]:
+    """What `fleetwire config show` prints: every setting's value and source, and the
+    templates, with secrets masked."""
+    report: dict[str, Any] = {"home": str(cfg.home)}
+    for section, kinds in SETTINGS.items():
+        values = {"name": cfg.name} if section == "instance" else asdict(getattr(cfg, section))
+        report[section] = {
+            key: {"value": _plain(mask_url(values[key]) if (section, key) == ("database", "url")
+                                  else values[key]),
+                  "source": cfg.sources.get(f"{section}.{key}", "default")}
+            for key in kinds}
+    report["templates"] = {
+        name: {key: _plain(value) for key, value in asdict(tpl).items() if key != "name"}
+        | {"env": {k: MASK if looks_secret(k) else v for k, v in tpl.env.items()}}
+        for name, tpl in cfg.templates.items()}
+    return report
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so the text and the JSON show the same thing."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_report_text(report: dict[str, Any]) -> str:
+    """A config_report as TOML-like text: a value not from the file says where it is from."""
+    lines = [f"# {report['home']}: config.toml, then FLEETWIRE_<SECTION>_<KEY> variables"]
+    for section in SETTINGS:
+        lines += ["", f"[{section}]"]
+        for key, item in report[section].items():
+            source = item["source"]
+            note = ("" if source == "file" else f"  # from {source}"
+                    if source.startswith(ENV_PREFIX) else f"  # {source}")
+            lines.append(f"{key} = {_toml_value(item['value'])}{note}")
+    for name, tpl in report["templates"].items():
+        lines += ["", f"[templates.{_toml_key(name)}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in tpl.items()]
+    if not report["templates"]:
+        lines += ["", "# no templates"]
+    return "\n".join(lines)
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY_RE.match(key) else json.dumps(key, ensure_ascii=False)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return f"[{', '.join(_toml_value(v) for v in value)}]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return f"{{ {items} }}" if items else "{}"
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def effective_limit(template: TemplateConfig, spoke: SpokeConfig, name: str) -> int:

@@ -1,15 +1,16 @@
-"""What every daemon shares: logging, the ready line, graceful stop on SIGTERM/SIGINT."""
+"""What every daemon shares: health and reflection, the ready line, graceful stop on
+SIGTERM/SIGINT. (How it logs is in shared/log_format.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.config import Config
@@ -25,12 +26,6 @@ STOP_GRACE_SECONDS = 5.0
 PRUNE_INTERVAL_SECONDS = 600.0
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def add_health(server: grpc.aio.Server, service: str) -> None:
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
@@ -38,10 +33,20 @@ def add_health(server: grpc.aio.Server, service: str) -> None:
         servicer.set(service, health_pb2.HealthCheckResponse.SERVING))
 
 
-def announce(role: str, cfg: Config, host: str, port: int, peers: str = "") -> None:
-    """The line tests and scripts wait for: the daemon is serving on this port."""
+def add_reflection(server: grpc.aio.Server, services: list[str]) -> None:
+    """gRPC server reflection listing `services` (full names), health and itself."""
+    reflection.enable_server_reflection(
+        [*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+
+def announce(role: str, cfg: Config, host: str, port: int, peers: str = "",
+             metrics: str = "") -> None:
+    """The line tests and scripts wait for: the daemon is serving on this port; with
+    metrics, a second line says where /metrics is served."""
     print(f"fleetwire {role} '{cfg.name}' listening on {host}:{port}"
           + (f" peers on {peers}" if peers else ""), flush=True)
+    if metrics:
+        print(f"metrics on http://{metrics}/metrics", flush=True)
 
 
 async def peer_certs(cfg: Config, sessions: async_sessionmaker[AsyncSession],

@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
-from shared.errors import InvalidArgument, Unauthenticated, from_wire_error
+from shared.errors import EnvelopeRejected, InvalidArgument, Unauthenticated, from_wire_error
 from shared.identity import Identity
 from shared.pb.v1 import wire_pb2
 
@@ -108,27 +108,31 @@ async def open_envelope(
 ) -> OpenedEnvelope:
     """Verify a SignedEnvelope addressed to `me`, then parse it.
 
-    Raises Unauthenticated for an unknown or inactive sender or key, a key_id mismatch,
-    a bad signature, another recipient, or a timestamp outside ±skew_ms; InvalidArgument
-    for bytes that verify but do not parse. Replay memory is the caller's next step.
+    Raises EnvelopeRejected (Unauthenticated, naming the rule) for an unknown or inactive
+    sender or key, a key_id mismatch, a bad signature, another recipient, or a timestamp
+    outside ±skew_ms; InvalidArgument for bytes that verify but do not parse. Replay
+    memory is the caller's next step.
     """
     raw = signed.envelope
     if len(raw) > MAX_ENVELOPE_BYTES:
         raise InvalidArgument(f"envelope of {len(raw)} bytes exceeds {MAX_ENVELOPE_BYTES}")
     if not signed.key_id:
-        raise Unauthenticated("envelope rejected: no key_id")
+        raise EnvelopeRejected("malformed", "envelope rejected: no key_id")
     key = await keyring.find_key(signed.key_id)
     if key is None:
-        raise Unauthenticated(
+        raise EnvelopeRejected(
+            "unknown_key",
             f"envelope rejected: unknown key '{signed.key_id}'; join the sender "
             "(`fleetwire join`) or add it with `fleetwire peer add`"
         )
     if not key.peer_active:
-        raise Unauthenticated(
+        raise EnvelopeRejected(
+            "inactive_sender",
             f"envelope rejected: peer '{key.peer_name}' is {key.peer_state.lower()}, not "
             "active; see `fleetwire peer list`")
     if not key.key_active:
-        raise Unauthenticated(
+        raise EnvelopeRejected(
+            "inactive_sender",
             f"envelope rejected: key '{key.key_id}' of '{key.peer_name}' is not active"
         )
     try:
@@ -136,7 +140,8 @@ async def open_envelope(
             signed.signature, SIGNING_PREFIX + raw
         )
     except (InvalidSignature, ValueError):
-        raise Unauthenticated("envelope rejected: signature does not verify") from None
+        raise EnvelopeRejected("bad_signature",
+                               "envelope rejected: signature does not verify") from None
 
     env = wire_pb2.Envelope()
     try:
@@ -144,18 +149,22 @@ async def open_envelope(
     except DecodeError:
         raise InvalidArgument("envelope rejected: signed bytes are not an Envelope") from None
     if env.key_id != signed.key_id:
-        raise Unauthenticated("envelope rejected: inner and outer key_id disagree")
+        raise EnvelopeRejected("sender_mismatch",
+                               "envelope rejected: inner and outer key_id disagree")
     if env.sender != key.peer_name:
-        raise Unauthenticated(
+        raise EnvelopeRejected(
+            "sender_mismatch",
             f"envelope rejected: sender '{env.sender}' does not own key '{key.key_id}'"
         )
     if env.recipient != me:
-        raise Unauthenticated(
+        raise EnvelopeRejected(
+            "wrong_recipient",
             f"envelope rejected: addressed to '{env.recipient}', this instance is '{me}'"
         )
     now = now_ms() if clock_ms is None else clock_ms
     if abs(now - env.issued_at_ms) > skew_ms:
-        raise Unauthenticated(
+        raise EnvelopeRejected(
+            "skew",
             f"envelope rejected: issued_at is {(env.issued_at_ms - now) / 1000:+.1f} s from "
             f"this instance's clock (allowed ±{skew_ms / 1000:.0f} s); check both clocks"
         )

@@ -35,6 +35,15 @@ class Unauthenticated(FleetwireError):
     exit_code = 5
 
 
+class EnvelopeRejected(Unauthenticated):
+    """An envelope refused by one of the wire rules; `rule` names which, from a fixed set
+    (shared.metrics.REJECTION_REASONS), so it can label a metric."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
 class NotFound(FleetwireError):
     status = grpc.StatusCode.NOT_FOUND
     exit_code = 3

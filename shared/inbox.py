@@ -15,8 +15,15 @@ import grpc
 
 from shared.audit import REFUSED, AuditEntry, AuditTrail
 from shared.envelope import Keyring, OpenedEnvelope, open_envelope, seal_envelope
-from shared.errors import FleetwireError, InvalidArgument, Unauthenticated, abort
+from shared.errors import (
+    EnvelopeRejected,
+    FleetwireError,
+    InvalidArgument,
+    Unauthenticated,
+    abort,
+)
 from shared.identity import Identity
+from shared.metrics import Metrics
 from shared.pb.v1 import wire_pb2
 from shared.replay import MessageMemory
 from shared.tls import fingerprint
@@ -28,11 +35,13 @@ Answer = Callable[[OpenedEnvelope], Awaitable[wire_pb2.Response]]
 
 class EnvelopeInbox:
     def __init__(self, identity: Identity, keyring: Keyring, memory: MessageMemory,
-                 trail: AuditTrail, skew_ms: int, *, mutual_tls: bool) -> None:
+                 trail: AuditTrail, metrics: Metrics, skew_ms: int, *,
+                 mutual_tls: bool) -> None:
         self._identity = identity
         self._keyring = keyring
         self._memory = memory
         self._trail = trail
+        self._metrics = metrics
         self._skew_ms = skew_ms
         # With TLS, the certificate a peer connected with must be the one pinned in the
         # record of the key that signed: one identity, not two that could disagree.
@@ -44,13 +53,17 @@ class EnvelopeInbox:
                       context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
                       refusal: str, answer: Answer) -> wire_pb2.SignedEnvelope:
         """The signed answer to one envelope; refusals end the RPC with their status."""
+        # Which step a refusal came from, for the rejection metric.
+        step = "malformed"
         try:
             opened = await open_envelope(request, keyring=self._keyring,
                                          me=self._identity.name, skew_ms=self._skew_ms)
             if self._mutual_tls:
                 _check_tls_binding(opened, context)
             if opened.envelope.WhichOneof("body") not in accepts:
+                step = "unexpected_body"
                 raise InvalidArgument(refusal)
+            step = "replay"
             # A caller that gives up (its deadline passed) must not stop a command half
             # way: a spawn cut off after its record but before its process would be
             # found by the retry and taken as done. The work runs to its end apart from
@@ -62,6 +75,7 @@ class EnvelopeInbox:
             work.add_done_callback(self._carrying.discard)
             sealed = await asyncio.shield(work)
         except FleetwireError as err:
+            self._metrics.envelope_rejected(_rejection(err, step))
             # Only the outer key_id is named: unverified bytes are never parsed.
             await self._trail.record(AuditEntry(
                 action="envelope", outcome=REFUSED, target=f"key_id {request.key_id[:32]}",
@@ -76,6 +90,17 @@ class EnvelopeInbox:
                              in_reply_to=env.message_id).SerializeToString()
 
 
+def _rejection(err: FleetwireError, step: str) -> str:
+    """The rejection metric's reason for a refusal at `step`."""
+    if isinstance(err, EnvelopeRejected):
+        return err.rule
+    if step == "replay" and not isinstance(err, Unauthenticated):
+        # Past the checks only replay memory refuses as UNAUTHENTICATED; anything else
+        # failing there is the answer's own failure.
+        return "other"
+    return step
+
+
 def _settle(work: asyncio.Future[bytes]) -> None:
     """Collect the outcome of work whose caller may have left (no 'never retrieved')."""
     if not work.cancelled() and work.exception() is not None:
@@ -85,15 +110,18 @@ def _settle(work: asyncio.Future[bytes]) -> None:
 def _check_tls_binding(opened: OpenedEnvelope, context: grpc.aio.ServicerContext) -> None:
     presented = (context.auth_context() or {}).get("x509_pem_cert") or []
     if not presented:
-        raise Unauthenticated(
+        raise EnvelopeRejected(
+            "tls_mismatch",
             "envelope rejected: no TLS client certificate; peers connect to this port with "
             "mutual TLS (the operator API is elsewhere)")
     sender = opened.envelope.sender
     if not opened.sender_tls_fingerprint:
-        raise Unauthenticated(
+        raise EnvelopeRejected(
+            "tls_mismatch",
             f"envelope rejected: no TLS certificate is pinned for '{sender}'; add it with "
             "`fleetwire peer add --tls-cert` or join again")
     if fingerprint(presented[0]) != opened.sender_tls_fingerprint:
-        raise Unauthenticated(
+        raise EnvelopeRejected(
+            "tls_mismatch",
             f"envelope rejected: the TLS certificate of this connection is not the one "
             f"pinned for '{sender}'")

@@ -4,32 +4,48 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sqlalchemy import delete, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import models
+from shared.db.engine import is_postgres
 from shared.envelope import OpenedEnvelope, now_ms
-from shared.errors import Internal, Unauthenticated
+from shared.errors import Unauthenticated, Unavailable
+
+# A claim older than this, by a process that never answered, is taken over (that
+# process stopped mid-way). Longer than any handler runs: a kill waits at most the
+# spoke's max_grace_seconds (300 by default) and then some.
+TAKEOVER_AFTER_MS = 10 * 60 * 1000
 
 
 class MessageMemory:
     """Runs each (sender, message_id) once and remembers its signed answer.
 
     The same id with the same bytes is a retry and gets the stored answer; the same id
-    with other bytes is a replay attempt and is refused. Concurrent duplicates wait for
-    the first to finish.
+    with other bytes is a replay attempt and is refused. Concurrent duplicates in this
+    process wait for the first to finish. Several processes may share one PostgreSQL
+    database (two hubs): the database's primary key decides which one claims an id, and
+    a duplicate reaching the other process while the first is still at work is answered
+    UNAVAILABLE, so its sender retries and gets the stored answer.
     """
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession],
-                 write_lock: asyncio.Lock | None = None) -> None:
+                 write_lock: asyncio.Lock | None = None, *,
+                 takeover_after_ms: int = TAKEOVER_AFTER_MS) -> None:
         self._sessions = sessions
         # The daemon's one write lock (AuditTrail.write_lock), taken for each write.
         self._write_lock = write_lock or asyncio.Lock()
         # Per message id in flight: its lock and how many calls hold or await it.
         self._inflight: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+        # Who this is, in seen_messages.claimed_by.
+        self.owner = secrets.token_hex(8)
+        self._takeover_after_ms = takeover_after_ms
 
     async def once(
         self, opened: OpenedEnvelope, handle: Callable[[], Awaitable[bytes]]
@@ -42,28 +58,9 @@ class MessageMemory:
         users[0] += 1
         try:
             async with lock:
-                async with self._write_lock, self._sessions() as session, session.begin():
-                    seen = await session.get(models.SeenMessage, key)
-                    if seen is None:
-                        session.add(models.SeenMessage(
-                            sender=env.sender, message_id=env.message_id,
-                            envelope_sha256=digest, response=None,
-                            received_at_ms=now_ms()))
-                        try:
-                            await session.flush()
-                        except IntegrityError:
-                            raise Internal("message id claimed concurrently") from None
-                if seen is not None:
-                    if seen.envelope_sha256 != digest:
-                        raise Unauthenticated(
-                            f"envelope rejected: message_id '{env.message_id}' was already "
-                            "used with other content (replay)"
-                        )
-                    if seen.response is not None:
-                        return seen.response
-                    # Claimed but never answered, and nobody here holds it: the process
-                    # stopped mid-way. Handle it again; handlers are idempotent per
-                    # message (a spawn by its agent id).
+                stored = await self._claim(env.sender, env.message_id, digest)
+                if stored is not None:
+                    return stored
                 try:
                     answer = await handle()
                 except BaseException:
@@ -71,20 +68,68 @@ class MessageMemory:
                     async with self._write_lock, self._sessions() as session, session.begin():
                         await session.execute(
                             delete(models.SeenMessage)
-                            .where(models.SeenMessage.sender == env.sender,
-                                   models.SeenMessage.message_id == env.message_id))
+                            .where(*self._mine(env.sender, env.message_id)))
                     raise
                 async with self._write_lock, self._sessions() as session, session.begin():
                     await session.execute(
                         update(models.SeenMessage)
-                        .where(models.SeenMessage.sender == env.sender,
-                               models.SeenMessage.message_id == env.message_id)
-                        .values(response=answer))
+                        .where(*self._mine(env.sender, env.message_id))
+                        .values(response=answer, claimed_by=None))
                 return answer
         finally:
             users[0] -= 1
             if users[0] == 0:
                 del self._inflight[key]
+
+    def _mine(self, sender: str, message_id: str) -> tuple[Any, ...]:
+        m = models.SeenMessage
+        return (m.sender == sender, m.message_id == message_id, m.claimed_by == self.owner)
+
+    async def _claim(self, sender: str, message_id: str, digest: str) -> bytes | None:
+        """Claim the id for this process (None: go on and handle it), or return the
+        stored answer; refuse a replay, or a duplicate another process is handling."""
+        m = models.SeenMessage
+        now = now_ms()
+        async with self._write_lock, self._sessions() as session, session.begin():
+            # INSERT ... ON CONFLICT DO NOTHING: of processes sharing the database that
+            # claim the id at once, exactly one inserts; the others read its row.
+            insert = (pg_insert if is_postgres(session) else sqlite_insert)(m)
+            claimed = await session.execute(
+                insert.values(sender=sender, message_id=message_id, envelope_sha256=digest,
+                              response=None, received_at_ms=now, claimed_by=self.owner)
+                .on_conflict_do_nothing())
+            if getattr(claimed, "rowcount", 0) == 1:
+                return None
+            seen = await session.get(m, (sender, message_id))
+            if seen is None:
+                raise Unavailable(f"message {message_id} was claimed and freed "
+                                  "concurrently; retry shortly")
+            if seen.envelope_sha256 != digest:
+                raise Unauthenticated(
+                    f"envelope rejected: message_id '{message_id}' was already used with "
+                    "other content (replay)")
+            if seen.response is not None:
+                return seen.response
+            # Claimed but not answered. In this process nobody holds it (the lock above),
+            # so a claim of ours or one without an owner was left by a stop mid-way; on
+            # SQLite, whose database belongs to one daemon, so was any other. Handlers are
+            # idempotent per message (a spawn by its agent id): handle it again.
+            abandoned = (seen.claimed_by in (None, self.owner)
+                         or not is_postgres(session)
+                         or now - seen.received_at_ms > self._takeover_after_ms)
+            if not abandoned:
+                raise Unavailable(f"message {message_id} is being handled by another "
+                                  "process sharing this instance's database; retry shortly")
+            taken = await session.execute(
+                update(m).where(m.sender == sender, m.message_id == message_id,
+                                m.response.is_(None),
+                                m.claimed_by.is_(None) if seen.claimed_by is None
+                                else m.claimed_by == seen.claimed_by)
+                .values(claimed_by=self.owner, received_at_ms=now))
+            if getattr(taken, "rowcount", 0) != 1:
+                raise Unavailable(f"message {message_id} was taken over concurrently; "
+                                  "retry shortly")
+            return None
 
     async def forget_older_than(self, cutoff_ms: int) -> int:
         """Drop ids received before cutoff_ms (only ever past the skew window)."""

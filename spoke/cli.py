@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.cli import (
     audited,
+    daemon_options,
     emit,
     home_option,
     json_option,
@@ -89,10 +90,13 @@ def spoke() -> None:
               "spoke (sent with each heartbeat); default: the bound --listen address.")
 @click.option("--insecure", is_flag=True, help="Plaintext between instances: only on "
               "loopback addresses, for trying things out.")
-def spoke_run(home: Path, listen: str | None, advertise: str, insecure: bool) -> None:
+@daemon_options
+def spoke_run(home: Path, listen: str | None, advertise: str, insecure: bool,
+              metrics_listen: str, log_format: str) -> None:
     """Run the spoke daemon until SIGTERM or SIGINT (agents keep running)."""
     run_daemon(home, lambda cfg: run_spoke(cfg, listen or cfg.spoke.listen,
-                                           insecure=insecure, advertise=advertise))
+                                           insecure=insecure, advertise=advertise,
+                                           metrics_listen=metrics_listen), log_format)
 
 
 @spoke.command("drain")

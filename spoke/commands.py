@@ -34,6 +34,7 @@ from shared.errors import (
     not_found_workspace,
     to_wire_error,
 )
+from shared.metrics import Metrics
 from shared.pb.v1 import wire_pb2
 from shared.scope import (
     Action,
@@ -74,10 +75,11 @@ class _Target:
 
 class SpokeCommands:
     def __init__(self, cfg: Config, sessions: async_sessionmaker[AsyncSession],
-                 trail: AuditTrail) -> None:
+                 trail: AuditTrail, metrics: Metrics) -> None:
         self._cfg = cfg
         self._sessions = sessions
         self._trail = trail
+        self._metrics = metrics
         self.agents = ScopedAgents(trail)
         self.ledger = AgentLedger(trail)
         self.supervisor = AgentSupervisor(on_exit=self._record_ending)
@@ -88,16 +90,19 @@ class SpokeCommands:
                      message_id: str) -> wire_pb2.Response:
         """Answer one command; every refusal becomes a signed Error (and an audit
         record), never an exception."""
-        try:
-            scope, target = await self._authorize(peer, command)
-            with use_scope(scope):
-                return await self._act(command, target, message_id)
-        except FleetwireError as err:
-            refusal = err
-        except Exception:
-            log.exception("command from %s failed", peer)
-            refusal = Internal("internal error on the spoke; its log has the details")
         which = command.WhichOneof("action") or "none"
+        with self._metrics.command(which) as observed:
+            try:
+                scope, target = await self._authorize(peer, command)
+                with use_scope(scope):
+                    return await self._act(command, target, message_id)
+            except FleetwireError as err:
+                refusal = err
+            except Exception:
+                log.exception("command %s from %s failed", which, peer,
+                              extra={"peer": peer, "message_id": message_id})
+                refusal = Internal("internal error on the spoke; its log has the details")
+            observed.refused(refusal)
         await self._trail.record(AuditEntry(
             action=f"agent.{which}", outcome=REFUSED, tenant=command.tenant,
             workspace=command.workspace, principal=command.principal.name, peer=peer,

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import asyncio
 
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 from shared.audit import AuditTrail
 from shared.config import Config
-from shared.daemon import add_health, advertised, announce, peer_certs, serve_until_stopped
+from shared.daemon import (
+    add_health,
+    add_reflection,
+    advertised,
+    announce,
+    peer_certs,
+    serve_until_stopped,
+)
 from shared.db.engine import make_engine, make_sessions
 from shared.identity import load_identity
 from shared.inbox import EnvelopeInbox
-from shared.pb.v1 import wire_pb2_grpc
+from shared.metrics import AGENT_STATES, Metrics, Reading, by_label, single
+from shared.pb.v1 import wire_pb2, wire_pb2_grpc
 from shared.peers import DbKeyring
 from shared.replay import MessageMemory
 from shared.rotation import KeyAnnouncer
@@ -18,25 +28,29 @@ from shared.rpc import Listen, refuse_plaintext_off_loopback, start_server
 from spoke.commands import SpokeCommands
 from spoke.reporter import StatusReporter
 from spoke.service import SpokeService
+from spoke.store import agents_by_state, outbox_depth
 
 
 async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
-                    advertise: str = "") -> None:
+                    advertise: str = "", metrics_listen: str = "") -> None:
     # Everything that can refuse the start comes before anything that acts (adopting
     # agents, making cgroups).
     identity = load_identity(cfg.name, cfg.key_path)
     if insecure:
         refuse_plaintext_off_loopback(listen, "the spoke's command API")
+    metrics = Metrics()
+    metrics_at = metrics.serve(metrics_listen) if metrics_listen else ""
     engine = make_engine(cfg.db_url)
     sessions = make_sessions(engine)
     certs = await peer_certs(cfg, sessions, insecure)
     trail = AuditTrail(sessions)
     memory = MessageMemory(sessions, trail.write_lock)
-    commands = SpokeCommands(cfg, sessions, trail)
-    inbox = EnvelopeInbox(identity, DbKeyring(sessions), memory, trail,
+    commands = SpokeCommands(cfg, sessions, trail, metrics)
+    inbox = EnvelopeInbox(identity, DbKeyring(sessions), memory, trail, metrics,
                           skew_ms=cfg.wire.max_clock_skew_seconds * 1000,
                           mutual_tls=certs is not None)
     service = SpokeService(inbox, commands, trail)
+    metrics.read_gauges(lambda: _gauges(sessions))
     try:
         # Before serving: a kill must find the agents it re-adopts.
         await commands.recover()
@@ -45,11 +59,14 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         ], [
             lambda s: wire_pb2_grpc.add_SpokeServiceServicer_to_server(service, s),
             lambda s: add_health(s, "fleetwire.v1.SpokeService"),
+            lambda s: add_reflection(s, [
+                wire_pb2.DESCRIPTOR.services_by_name["SpokeService"].full_name]),
         ], cfg.keepalive)
     except BaseException:
         commands.cgroups.close()
+        await metrics.close()
         raise
-    announce("spoke", cfg, listen.rpartition(":")[0], port)
+    announce("spoke", cfg, listen.rpartition(":")[0], port, metrics=metrics_at)
     reporter = StatusReporter(cfg, identity, DbKeyring(sessions), sessions, trail, certs,
                               advertise=advertised(listen, port, advertise))
     reporting = asyncio.create_task(reporter.run(), name="status-reporter")
@@ -71,6 +88,17 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         await reporter.close()
         commands.supervisor.detach()
         commands.cgroups.close()
+        await metrics.close()
         await engine.dispose()
 
     await serve_until_stopped(server, memory, cfg, on_stop)
+
+
+async def _gauges(sessions: async_sessionmaker[AsyncSession]) -> list[Reading]:
+    async with sessions() as session:
+        return [
+            by_label("fleetwire_agents", "Agents on this spoke, by state.", "state",
+                     AGENT_STATES, await agents_by_state(session)),
+            single("fleetwire_outbox_depth", "Status reports waiting to be sent to a hub.",
+                   await outbox_depth(session)),
+        ]

@@ -45,6 +45,19 @@ async def count_live(session: AsyncSession) -> int:
         models.Agent.state.in_(sorted(LIVE_STATES))))).scalar_one())
 
 
+async def agents_by_state(session: AsyncSession) -> dict[str, int]:
+    """How many agents this spoke has in each state (all tenants; for metrics)."""
+    rows = await session.execute(
+        select(models.Agent.state, func.count()).group_by(models.Agent.state))
+    return {state: int(count) for state, count in rows.tuples()}
+
+
+async def outbox_depth(session: AsyncSession) -> int:
+    """How many status reports wait to be sent to a hub."""
+    return int((await session.execute(
+        select(func.count()).select_from(models.OutboxEntry))).scalar_one())
+
+
 def enqueue_report(session: AsyncSession, agent: models.Agent) -> None:
     """Queue the agent's new state for the hub that spawned it, in the change's
     transaction: a change is never committed without its report, nor the reverse."""

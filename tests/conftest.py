@@ -125,7 +125,8 @@ class Federation:
         return daemon
 
 
-def build_federation(root: Path) -> Iterator[Federation]:
+def build_federation(root: Path, database_url: str = "") -> Iterator[Federation]:
+    """database_url: the hub's database (default: SQLite in its home)."""
     suffix = secrets.token_hex(2)
     fed = InProcessFederation(root=root)
     try:
@@ -133,7 +134,10 @@ def build_federation(root: Path) -> Iterator[Federation]:
         hub_home = fed.init(hub_name)
         config = hub_home / "config.toml"
         config.write_text(config.read_text().replace(
-            "offline_after_seconds = 15", f"offline_after_seconds = {TEST_OFFLINE_AFTER}"))
+            "offline_after_seconds = 15", f"offline_after_seconds = {TEST_OFFLINE_AFTER}")
+            + (f'\n[database]\nurl = "{database_url}"\n' if database_url else ""))
+        if database_url:
+            fed.cli("migrate", "--home", str(hub_home))
         for tenant in ("acme", "globex"):
             fed.cli("tenant", "create", "--home", str(fed.homes[hub_name]), tenant)
         hub = fed.start("hub", hub_name)

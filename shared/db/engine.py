@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import event
+from alembic.migration import MigrationContext
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -29,8 +31,13 @@ def make_engine(url: str, *, enforce_foreign_keys: bool = True) -> AsyncEngine:
     # Every use of a connection goes through a session that ends its transaction before
     # handing the connection back, so the pool's own reset (a second ROLLBACK, one more
     # trip to SQLite's worker thread per session) is skipped for SQLite.
-    engine = create_async_engine(url, pool_pre_ping=not sqlite,
-                                 pool_reset_on_return=None if sqlite else "rollback")
+    # PostgreSQL: a pool large enough for a hub's concurrent requests (each holds a
+    # connection only for one transaction).
+    pool: dict[str, Any] = {} if sqlite else {"pool_size": 10, "max_overflow": 20}
+    # hide_parameters: a statement's values (token digests, task text) never appear in
+    # an error message, so never in a log line.
+    engine = create_async_engine(url, pool_pre_ping=not sqlite, hide_parameters=True,
+                                 pool_reset_on_return=None if sqlite else "rollback", **pool)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -43,6 +50,24 @@ def make_engine(url: str, *, enforce_foreign_keys: bool = True) -> AsyncEngine:
             cur.close()
 
     return engine
+
+
+def is_postgres(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+async def lock_for_transaction(session: AsyncSession, key: int) -> None:
+    """Serialise this transaction with every other one that takes the same key, in any
+    process sharing the database. PostgreSQL: a transaction-level advisory lock, freed at
+    commit or rollback. SQLite needs nothing: it has one writer at a time, and a
+    database there belongs to one daemon."""
+    if is_postgres(session):
+        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+# Advisory lock keys (any 64-bit numbers, fixed here once).
+AUDIT_CHAIN_LOCK = 0x66770001
+MIGRATIONS_LOCK = 0x66770002
 
 
 def make_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -59,6 +84,21 @@ def _alembic_config(url: str) -> AlembicConfig:
 def upgrade(url: str, revision: str = "head") -> None:
     """Migrate the database to revision. Not for use inside a running event loop."""
     command.upgrade(_alembic_config(url), revision)
+
+
+def current_revision(url: str) -> str:
+    """The revision the database at url is at ("" before any). Not inside an event loop."""
+
+    async def read() -> str:
+        engine = make_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(
+                    lambda c: MigrationContext.configure(c).get_current_revision() or "")
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
 
 
 def downgrade(url: str, revision: str) -> None:

@@ -80,6 +80,9 @@ class SeenMessage(Base):
     envelope_sha256: Mapped[str] = mapped_column(String(64))
     response: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     received_at_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    # The process (MessageMemory) handling it while response is NULL; several processes
+    # may share a PostgreSQL database.
+    claimed_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class Grant(Base):

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import shutil
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from shared.audit import (
@@ -28,7 +27,7 @@ from shared.audit import (
 )
 from shared.cli import build_cli
 from shared.db import models
-from shared.db.engine import make_engine, make_sessions
+from tests.integration.helpers import eventually
 
 T0 = 1_700_000_000_000
 FIELDS = ("action", "outcome", "tenant", "workspace", "principal", "peer", "target",
@@ -36,26 +35,6 @@ FIELDS = ("action", "outcome", "tenant", "workspace", "principal", "peer", "targ
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture
-def db_path(tmp_path: Path, migrated_db: Path) -> Path:
-    shutil.copyfile(migrated_db, tmp_path / "s.db")
-    return tmp_path / "s.db"
-
-
-@pytest.fixture
-async def engine(db_path: Path):
-    eng = make_engine(f"sqlite+aiosqlite:///{db_path}")
-    try:
-        yield eng
-    finally:
-        await eng.dispose()
-
-
-@pytest.fixture
-def sessions(engine):
-    return make_sessions(engine)
 
 
 def entry(i: int) -> AuditEntry:
@@ -77,9 +56,16 @@ async def load(sessions, tenant: str | None = None) -> list[models.AuditRecord]:
         return await load_records(s, tenant)
 
 
-def tamper(db_path: Path, *statements: str) -> None:
+async def tamper(engine, *statements: str) -> None:
     """Change the database behind the application's back, as an intruder would."""
-    with closing(sqlite3.connect(db_path)) as conn, conn:
+    async with engine.begin() as conn:
+        for sql in statements:
+            await conn.execute(text(sql))
+
+
+def tamper_file(db: Path, *statements: str) -> None:
+    """tamper, on an instance's SQLite file (the CLI tests)."""
+    with closing(sqlite3.connect(db)) as conn, conn:
         for sql in statements:
             conn.execute(sql)
 
@@ -139,36 +125,36 @@ async def test_load_records_filters_by_tenant(sessions) -> None:
 @pytest.mark.parametrize(("column", "value"), [
     ("reason", "'nothing to see'"), ("action", "'test.other'"), ("outcome", "'hidden'"),
     ("tenant", "'globex'"), ("principal", "'mallory'"), ("at_ms", "at_ms + 1")])
-async def test_edited_field_names_the_record(sessions, db_path: Path, column: str,
+async def test_edited_field_names_the_record(sessions, engine, column: str,
                                              value: str) -> None:
     await append_n(sessions, 5)
-    tamper(db_path, f"UPDATE audit_log SET {column} = {value} WHERE seq = 3")
+    await tamper(engine, f"UPDATE audit_log SET {column} = {value} WHERE seq = 3")
     broken = verify_chain(await load(sessions))
     assert broken is not None
     assert broken.seq == 3
     assert "edited" in broken.problem
 
 
-async def test_deleted_record_names_the_one_after_it(sessions, db_path: Path) -> None:
+async def test_deleted_record_names_the_one_after_it(sessions, engine) -> None:
     await append_n(sessions, 5)
-    tamper(db_path, "DELETE FROM audit_log WHERE seq = 2")
+    await tamper(engine, "DELETE FROM audit_log WHERE seq = 2")
     broken = verify_chain(await load(sessions))
     assert broken is not None
     assert broken.seq == 3
     assert "expected record 2" in broken.problem
 
 
-async def test_deleted_first_record_is_named(sessions, db_path: Path) -> None:
+async def test_deleted_first_record_is_named(sessions, engine) -> None:
     await append_n(sessions, 3)
-    tamper(db_path, "DELETE FROM audit_log WHERE seq = 1")
+    await tamper(engine, "DELETE FROM audit_log WHERE seq = 1")
     broken = verify_chain(await load(sessions))
     assert broken is not None and broken.seq == 2
 
 
-async def test_deleted_and_renumbered_record_is_named(sessions, db_path: Path) -> None:
+async def test_deleted_and_renumbered_record_is_named(sessions, engine) -> None:
     """Closing the gap in seq does not hide a removal: the links still break."""
     await append_n(sessions, 4)
-    tamper(db_path, "DELETE FROM audit_log WHERE seq = 2",
+    await tamper(engine, "DELETE FROM audit_log WHERE seq = 2",
            "UPDATE audit_log SET seq = seq - 1 WHERE seq > 2")
     broken = verify_chain(await load(sessions))
     assert broken is not None
@@ -177,20 +163,20 @@ async def test_deleted_and_renumbered_record_is_named(sessions, db_path: Path) -
 
 
 async def test_tail_truncation_is_invisible_to_verify_chain_but_moves_the_head(
-        sessions, db_path: Path) -> None:
+        sessions, engine) -> None:
     """A known limit of an unanchored chain: dropping the newest records leaves a valid
     chain. Only the head hash (printed by `audit verify`) shows it."""
     records = await append_n(sessions, 4)
-    tamper(db_path, "DELETE FROM audit_log WHERE seq = 4")
+    await tamper(engine, "DELETE FROM audit_log WHERE seq = 4")
     left = await load(sessions)
     assert verify_chain(left) is None
     assert left[-1].hash != records[-1].hash
 
 
-async def test_reordered_records_are_named(sessions, db_path: Path) -> None:
+async def test_reordered_records_are_named(sessions, engine) -> None:
     """Swap the whole contents (hashes included) of records 2 and 3."""
     await append_n(sessions, 5)
-    tamper(db_path,
+    await tamper(engine,
            "UPDATE audit_log SET seq = -2 WHERE seq = 2",
            "UPDATE audit_log SET seq = 2 WHERE seq = 3",
            "UPDATE audit_log SET seq = 3 WHERE seq = -2")
@@ -203,22 +189,22 @@ async def test_reordered_records_are_named(sessions, db_path: Path) -> None:
     assert "previous-hash" in broken.problem
 
 
-async def test_edited_hash_is_named(sessions, db_path: Path) -> None:
+async def test_edited_hash_is_named(sessions, engine) -> None:
     await append_n(sessions, 5)
-    tamper(db_path, f"UPDATE audit_log SET hash = '{'f' * 64}' WHERE seq = 2")
+    await tamper(engine, f"UPDATE audit_log SET hash = '{'f' * 64}' WHERE seq = 2")
     broken = verify_chain(await load(sessions))
     assert broken is not None
     assert broken.seq == 2
     assert "edited" in broken.problem
 
 
-async def test_edit_with_recomputed_hash_breaks_the_next_link(sessions, db_path: Path) -> None:
+async def test_edit_with_recomputed_hash_breaks_the_next_link(sessions, engine) -> None:
     """An intruder who rehashes the edited record is caught by the record after it."""
     records = await append_n(sessions, 5)
     rec = records[1]
     forged = {**{f: getattr(rec, f) for f in FIELDS}, "reason": "nothing happened"}
     new_hash = record_hash(rec.seq, rec.at_ms, forged, rec.prev_hash)
-    tamper(db_path, "UPDATE audit_log SET reason = 'nothing happened', "
+    await tamper(engine, "UPDATE audit_log SET reason = 'nothing happened', "
                     f"hash = '{new_hash}' WHERE seq = 2")
     broken = verify_chain(await load(sessions))
     assert broken is not None
@@ -226,9 +212,9 @@ async def test_edit_with_recomputed_hash_breaks_the_next_link(sessions, db_path:
     assert "previous-hash" in broken.problem
 
 
-async def test_edited_genesis_link_is_named(sessions, db_path: Path) -> None:
+async def test_edited_genesis_link_is_named(sessions, engine) -> None:
     await append_n(sessions, 2)
-    tamper(db_path, f"UPDATE audit_log SET prev_hash = '{'1' * 64}' WHERE seq = 1")
+    await tamper(engine, f"UPDATE audit_log SET prev_hash = '{'1' * 64}' WHERE seq = 1")
     broken = verify_chain(await load(sessions))
     assert broken is not None and broken.seq == 1
 
@@ -269,7 +255,7 @@ async def test_second_record_with_an_existing_prev_hash_is_refused(sessions) -> 
     fork = models.AuditRecord(seq=4, at_ms=T0 + 99, prev_hash=records[1].prev_hash,
                               hash=record_hash(4, T0 + 99, fields, records[1].prev_hash),
                               **fields)
-    with pytest.raises(IntegrityError, match=r"audit_log\.prev_hash"):
+    with pytest.raises(IntegrityError, match=r"audit_log[._]prev_hash"):
         async with sessions() as s, s.begin():
             s.add(fork)
     after = await load(sessions)
@@ -277,34 +263,50 @@ async def test_second_record_with_an_existing_prev_hash_is_refused(sessions) -> 
     assert verify_chain(after) is None
 
 
-async def test_racing_appends_without_the_lock_cannot_fork(engine, sessions) -> None:
-    """Two transactions read the same tail; the second insert is refused by the
-    database rather than forking the chain."""
+async def test_racing_appends_without_the_lock_cannot_fork(backend, engine, sessions) -> None:
+    """Two transactions append at once without AuditTrail's in-process lock. SQLite: the
+    second reads the same tail and its insert is refused by the database rather than
+    forking the chain. PostgreSQL (processes sharing it): the second waits for the
+    chain's lock, then appends after the first."""
     await append_n(sessions, 2)
-    second_inserting = asyncio.Event()
+    second_waiting = asyncio.Event()
 
     def spy(conn, cursor, statement, params, context, executemany) -> None:
         if statement.lstrip().startswith("INSERT INTO audit_log"):
-            second_inserting.set()
+            second_waiting.set()
 
     async def second() -> None:
         async with sessions() as s, s.begin():
             await append_audit(s, entry(4), at_ms=T0 + 4)
+
+    async def someone_waits_for_the_lock() -> bool:
+        async with sessions() as s:
+            return bool((await s.execute(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND NOT granted"))).scalar_one())
 
     async with sessions() as first, first.begin():
         await append_audit(first, entry(3), at_ms=T0 + 3)  # holds the write lock
         event.listen(engine.sync_engine, "before_cursor_execute", spy)
         try:
             task = asyncio.create_task(second())
-            # The second has read the same tail (seq 2) and now tries to insert seq 3.
-            await asyncio.wait_for(second_inserting.wait(), timeout=5)
+            if backend == "postgresql":
+                await eventually(someone_waits_for_the_lock, 10, "the second to wait")
+                second_waiting.set()
+            # SQLite: the second has read the same tail (seq 2), inserts seq 3.
+            await asyncio.wait_for(second_waiting.wait(), timeout=10)
             assert not task.done()
         finally:
             event.remove(engine.sync_engine, "before_cursor_execute", spy)
-    with pytest.raises(IntegrityError, match="UNIQUE constraint failed: audit_log"):
+    expected = ["test.action1", "test.action2", "test.action3"]
+    if backend == "sqlite":
+        with pytest.raises(IntegrityError, match="UNIQUE constraint failed: audit_log"):
+            await asyncio.wait_for(task, timeout=15)
+    else:
         await asyncio.wait_for(task, timeout=15)
+        expected.append("test.action4")
     records = await load(sessions)
-    assert [r.action for r in records] == ["test.action1", "test.action2", "test.action3"]
+    assert [r.action for r in records] == expected
     assert verify_chain(records) is None
 
 
@@ -371,7 +373,7 @@ def test_cli_audit_verify_list_and_tamper(cli, home: Path) -> None:
     text = run(cli, "audit", "list", "--home", h)
     assert text.exit_code == 0 and "tenant.create" in text.stdout
 
-    tamper(home / "state.db", "UPDATE audit_log SET reason='x' WHERE seq=1")
+    tamper_file(home / "state.db", "UPDATE audit_log SET reason='x' WHERE seq=1")
     bad = run(cli, "audit", "verify", "--home", h)
     assert bad.exit_code == 1
     assert "audit trail broken at record 1:" in bad.stderr

@@ -1,4 +1,4 @@
-"""MessageMemory over a real (migrated) SQLite database."""
+"""MessageMemory over a real migrated database (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select, update
 
 from shared.db import models
+from shared.db.engine import make_sessions
 from shared.envelope import (
     OpenedEnvelope,
     PeerKey,
@@ -17,7 +18,7 @@ from shared.envelope import (
     open_envelope,
     seal_envelope,
 )
-from shared.errors import Unauthenticated
+from shared.errors import Unauthenticated, Unavailable
 from shared.identity import Identity
 from shared.pb.v1 import wire_pb2
 from shared.replay import MessageMemory
@@ -248,3 +249,56 @@ async def test_forget_older_than(memory, sessions, hub, keyring) -> None:
                              again) == b"fresh"
     assert again.calls == 1
 
+
+
+# ---------------------------------------------------------------- processes sharing a database
+
+
+async def test_a_duplicate_in_another_process_waits_for_the_first(backend, engine, hub,
+                                                                  keyring) -> None:
+    """Two MessageMemory owners on one database stand for two hub processes. While the
+    first handles a message, the second is refused with UNAVAILABLE on PostgreSQL (the
+    sender retries) and never runs it; once answered, it gets the stored answer. SQLite
+    belongs to one daemon: there the other owner's claim counts as abandoned."""
+    first, second = MessageMemory(make_sessions(engine)), MessageMemory(make_sessions(engine))
+    opened = await sealed_and_opened(hub, keyring, message_id="m1")
+    gate = asyncio.Event()
+    slow = CountingHandler(b"first", gate=gate)
+    task = asyncio.create_task(first.once(opened, slow))
+    await slow.entered.wait()
+    other = CountingHandler(b"second")
+    if backend == "postgresql":
+        with pytest.raises(Unavailable, match="another process"):
+            await second.once(opened, other)
+        assert other.calls == 0
+        gate.set()
+        assert await task == b"first"
+        assert await second.once(opened, other) == b"first"
+        assert other.calls == 0
+    else:
+        assert await second.once(opened, other) == b"second"
+        gate.set()
+        await task
+
+
+async def test_a_claim_abandoned_by_another_process_is_taken_over(backend, engine, sessions,
+                                                                  hub, keyring) -> None:
+    """A claim another process left unanswered for longer than takeover_after_ms (it
+    stopped mid-way) is handled here, once; a fresh one is not."""
+    opened = await sealed_and_opened(hub, keyring, message_id="m1")
+    # What a process that stopped mid-way leaves: its claim, unanswered.
+    async with sessions() as s, s.begin():
+        s.add(models.SeenMessage(sender=opened.envelope.sender, message_id="m1",
+                                 envelope_sha256=hashlib.sha256(opened.raw).hexdigest(),
+                                 response=None, received_at_ms=now_ms(),
+                                 claimed_by="a-stopped-process"))
+    patient = MessageMemory(make_sessions(engine), takeover_after_ms=60_000)
+    if backend == "postgresql":
+        with pytest.raises(Unavailable):
+            await patient.once(opened, CountingHandler(b"too-early"))
+    eager = MessageMemory(make_sessions(engine), takeover_after_ms=0)
+    handler = CountingHandler(b"taken-over")
+    await asyncio.sleep(0.002)  # the claim must be older than 0 ms
+    assert await eager.once(opened, handler) == b"taken-over"
+    assert handler.calls == 1
+    assert await patient.once(opened, CountingHandler(b"later")) == b"taken-over"

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
 import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 
 from hub.tokens import (
     MAX_ACTIVE,
@@ -26,7 +25,7 @@ from hub.tokens import (
     token_digest,
 )
 from shared.db import models
-from shared.db.engine import make_engine, make_sessions, upgrade
+from shared.db.engine import make_engine, make_sessions
 from shared.errors import InvalidArgument, NotFound, Unauthenticated
 from shared.scope import Principal, Role
 from shared.tenancy import create_tenant
@@ -38,48 +37,17 @@ HOUR = 3600 * 1000
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One database migrated to head per module, with tenants acme and globex."""
-    path = tmp_path_factory.mktemp("tokens-template") / "s.db"
-    url = f"sqlite+aiosqlite:///{path}"
-    upgrade(url)
-
-    async def seed() -> None:
-        engine = make_engine(url)
-        try:
-            async with make_sessions(engine)() as s, s.begin():
-                await create_tenant(s, "acme")
-                await create_tenant(s, "globex")
-        finally:
-            await engine.dispose()
-
-    asyncio.run(seed())
-    return path
-
-
 @pytest.fixture
-def db_path(tmp_path: Path, migrated_db: Path) -> Path:
-    shutil.copyfile(migrated_db, tmp_path / "s.db")
-    return tmp_path / "s.db"
-
-
-def url_of(path: Path) -> str:
-    return f"sqlite+aiosqlite:///{path}"
-
-
-@pytest.fixture
-async def engine(db_path: Path):
-    eng = make_engine(url_of(db_path))
+async def db_url(db_url: str) -> str:
+    """This test's database (on each backend), with tenants acme and globex."""
+    engine = make_engine(db_url)
     try:
-        yield eng
+        async with make_sessions(engine)() as s, s.begin():
+            await create_tenant(s, "acme")
+            await create_tenant(s, "globex")
     finally:
-        await eng.dispose()
-
-
-@pytest.fixture
-def sessions(engine):
-    return make_sessions(engine)
+        await engine.dispose()
+    return db_url
 
 
 async def create(sessions, principal: str = "alice", *, tenant: str = "acme",
@@ -152,14 +120,24 @@ async def test_create_returns_prefixed_token_that_authenticates(sessions) -> Non
     assert admin.token != issued.token
 
 
-async def test_only_the_sha256_is_stored(sessions, engine, db_path: Path) -> None:
+async def test_only_the_sha256_is_stored(backend, sessions, engine, db_url: str) -> None:
     issued = await create(sessions, "alice")
     (row,) = await token_rows(sessions)
     digest = hashlib.sha256(issued.token.encode()).hexdigest()
     assert row.token_sha256 == digest == token_digest(issued.token)
 
-    await engine.dispose()  # close every connection, so the files hold everything
-    stored = b"".join(p.read_bytes() for p in db_path.parent.glob("s.db*"))
+    if backend == "sqlite":
+        await engine.dispose()  # close every connection, so the files hold everything
+        db_path = Path(db_url.removeprefix("sqlite+aiosqlite:///"))
+        stored = b"".join(p.read_bytes() for p in db_path.parent.glob("s.db*"))
+    else:  # every column of every row of every table, as text
+        async with engine.connect() as conn:
+            tables = list((await conn.execute(text(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))).scalars())
+            stored = b""
+            for table in tables:
+                rows = (await conn.execute(text(f'SELECT * FROM "{table}"'))).all()
+                stored += str(rows).encode()
     assert digest.encode() in stored  # we are looking at the right bytes...
     assert issued.token.encode() not in stored  # ...and the secret is not among them
     assert issued.token[len(TOKEN_PREFIX):].encode() not in stored
@@ -441,8 +419,9 @@ async def test_concurrent_rotations_exactly_one_wins(sessions, n: int) -> None:
     wins = [r for r in results if isinstance(r, Issued)]
     losses = [r for r in results if not isinstance(r, Issued)]
     assert len(wins) == 1
-    # Observed: every loser waits on SQLite's write lock (busy_timeout), then finds the
-    # claim taken: NotFound, never a database-busy OperationalError.
+    # Observed: every loser waits on the first's write (SQLite's write lock with its
+    # busy_timeout; PostgreSQL's row lock), then finds the claim taken: NotFound, never
+    # a database-busy OperationalError.
     assert [type(e) for e in losses] == [NotFound] * (n - 1)
     await assert_chain(sessions, old, wins[0], {old.id, other.id}, at=t1 + 1)
 
@@ -467,7 +446,7 @@ async def test_second_rotation_waits_for_the_first_claim(engine, sessions) -> No
             await asyncio.wait_for(second_claiming.wait(), timeout=5)
             for _ in range(20):
                 await asyncio.sleep(0)
-            assert not second.done()  # blocked on the first's write lock
+            assert not second.done()  # blocked on the first's write (or row) lock
         finally:
             event.remove(engine.sync_engine, "before_cursor_execute", spy)
     with pytest.raises(NotFound):
@@ -475,11 +454,11 @@ async def test_second_rotation_waits_for_the_first_claim(engine, sessions) -> No
     await assert_chain(sessions, old, winner, {old.id}, at=t1 + 1)
 
 
-def test_concurrent_rotations_from_threads_exactly_one_wins(db_path: Path) -> None:
+def test_concurrent_rotations_from_threads_exactly_one_wins(db_url: str) -> None:
     """Each rotation in its own OS thread, event loop and engine (as separate processes
-    sharing the file would be)."""
+    sharing the database would be)."""
     n = 3
-    url = url_of(db_path)
+    url = db_url
     t1 = T0 + 100
 
     async def setup() -> tuple[Issued, Issued]:
