@@ -98,9 +98,11 @@ class Federation:
 
     def add_spoke(self, name: str, *, tenants: dict[str, list[str]],
                   hub_address: str | None = None, start: bool = True,
-                  grants: list[tuple[str, str | None, str]] | None = None) -> Daemon | None:
+                  grants: list[tuple[str, str | None, str]] | None = None,
+                  database_url: str = "") -> Daemon | None:
         """Create, configure and (optionally) start one more spoke known to the hub.
-        grants: (tenant, workspace or None, max role); default: every tenant, operator."""
+        grants: (tenant, workspace or None, max role); default: every tenant, operator.
+        database_url: the spoke's database (default: SQLite in its home)."""
         fed = self.fed
         home = fed.init(name)
         config = home / "config.toml"
@@ -108,6 +110,10 @@ class Federation:
             "heartbeat_seconds = 5", f"heartbeat_seconds = {TEST_HEARTBEAT_SECONDS}"))
         with open(config, "a") as f:
             f.write(TEST_TEMPLATES)
+            if database_url:
+                f.write(f'\n[database]\nurl = "{database_url}"\n')
+        if database_url:
+            fed.cli("migrate", "--home", str(home))
         for tenant, workspaces in tenants.items():
             fed.cli("tenant", "create", "--home", str(home), tenant)
             for ws in workspaces:

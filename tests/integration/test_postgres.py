@@ -90,6 +90,32 @@ def test_an_agent_spawned_through_one_hub_is_seen_and_killed_through_the_other(
     assert {a["agent_id"]: a["state"] for a in listed}[agent_id] == "KILLED"  # type: ignore[union-attr,index]
 
 
+def test_a_spoke_on_postgres_spawns_and_kills(two_hubs: TwoHubs) -> None:
+    """A spoke may use PostgreSQL too (its own database): agents, workspaces, grants,
+    replay memory and outbox all live there."""
+    federation = two_hubs.federation
+    url = asyncio.run(create_database(postgres_url()))
+    try:
+        federation.add_spoke("spoke-pg", tenants={"acme": ["research"]}, database_url=url)
+        token = federation.tokens["acme"]
+        spawned = ok_json(through(two_hubs.first, token, "agent", "spawn", "--spoke",
+                                  "spoke-pg", "--workspace", "research", "--template",
+                                  "sleeper", "--task", "pg-spoke", "--json"))
+        agent_id = spawned["agent_id"]  # type: ignore[index]
+        live = ok_json(through(two_hubs.second, token, "agent", "status", agent_id,
+                               "--live", "--json"))
+        assert live["state"] == "RUNNING"  # type: ignore[index]
+        killed = ok_json(through(two_hubs.first, token, "agent", "kill", agent_id, "--json"))
+        assert killed["state"] == "KILLED"  # type: ignore[index]
+        verify = fleetwire("audit", "verify", "--home", str(federation.home("spoke-pg")))
+        assert verify.returncode == 0, verify.stderr
+    finally:
+        spoke = federation.spokes.pop("spoke-pg", None)
+        if spoke is not None:
+            spoke.stop()
+        asyncio.run(drop_database(url))
+
+
 async def test_two_hubs_rotating_the_same_token_at_once_rotate_it_once(
         two_hubs: TwoHubs) -> None:
     """Each round, six rotations of the same token reach the two hub processes at the
