@@ -6,6 +6,7 @@ The integration tests build their federations with the same LocalFederation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -46,6 +47,10 @@ class Daemon:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                # Into its log first: every thread's and task's stack, what it waits for.
+                self.proc.send_signal(signal.SIGUSR1)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(1)
                 self.proc.kill()
                 self.proc.wait()
         if self.proc.stdout:

@@ -4,6 +4,7 @@ SIGTERM/SIGINT. (How it logs is in shared/log_format.py.)"""
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -77,6 +78,16 @@ def advertised(listen: str, port: int, advertise: str) -> str:
     return "" if host in ("", "0.0.0.0", "::") else with_port(listen, port)
 
 
+def log_tasks() -> None:
+    """On SIGUSR1: log every asyncio task with where it waits, and print every thread's
+    stack to stderr: what a daemon that does not stop is waiting for."""
+    faulthandler.dump_traceback(all_threads=True)
+    for task in asyncio.all_tasks():
+        frames = "".join(f"\n  {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                         for f in task.get_stack())
+        log.warning("task %s%s", task.get_name(), frames or " (no frames)")
+
+
 async def serve_until_stopped(
     server: grpc.aio.Server, memory: MessageMemory, cfg: Config,
     on_stop: Callable[[], Awaitable[None]] | None = None,
@@ -86,6 +97,7 @@ async def serve_until_stopped(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, log_tasks)
 
     async def prune() -> None:
         while True:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import secrets
+import signal
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -274,3 +275,22 @@ async def test_text_log_format_and_options_from_the_environment(
         assert re.match(rf"\d{{4}}-\d\d-\d\dT[\d:.]+Z [A-Z]+ {name} \S+: ", line), line
         with pytest.raises(json.JSONDecodeError):
             json.loads(line)
+
+
+async def test_sigusr1_logs_what_a_daemon_waits_for_and_it_goes_on(watched: Watched) -> None:
+    """SIGUSR1 (what the test harness sends before SIGKILL to a daemon that does not
+    stop) logs every asyncio task and prints every thread's stack; the daemon serves on."""
+    spoke = watched.fed.spokes[SPOKE]
+    log = spoke.home / "spoke.log"
+    before = log.stat().st_size
+    spoke.proc.send_signal(signal.SIGUSR1)
+
+    def dumped() -> bool:
+        text = log.read_text()[before:]
+        return "Current thread" in text and '"event": "task status-reporter' in text
+
+    await eventually(dumped, what="the task and thread dump in the spoke's log")
+    async with HubClient(watched.fed.hub.address, watched.fed.tokens["acme"]) as hub:
+        agents = await hub.list(spoke=SPOKE, live=True)
+    assert spoke.proc.poll() is None
+    assert all(a.spoke == SPOKE for a in agents.agents)
