@@ -464,7 +464,9 @@ def run_daemon(home: Path, runner: Callable[[Config], Coroutine[Any, Any, None]]
     cfg = load_config(home)
     setup_logging(cfg.name, log_format)
     upgrade(cfg.db_url)
-    asyncio.run(runner(cfg))
+    from shared.daemon import run_until_stopped
+
+    run_until_stopped(runner(cfg))
 
 
 def build_cli() -> click.Group:

@@ -7,7 +7,8 @@ import asyncio
 import faulthandler
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -78,14 +79,48 @@ def advertised(listen: str, port: int, advertise: str) -> str:
     return "" if host in ("", "0.0.0.0", "::") else with_port(listen, port)
 
 
+def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
+    """asyncio.run(main), except that the tasks left when main returns get at most
+    STOP_GRACE_SECONDS to end once cancelled. asyncio.run waits for them without a
+    limit, and one can wait forever: a database connection SQLAlchemy closes after a
+    cancellation, whose aiosqlite worker thread has already stopped (seen: a spoke that
+    did not exit on SIGTERM). Those left are logged with where they wait, and abandoned."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(main)
+    finally:
+        try:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            if left:
+                _, pending = loop.run_until_complete(
+                    asyncio.wait(left, timeout=STOP_GRACE_SECONDS))
+                for task in pending:
+                    log.warning("abandoned at exit: task %s%s", task.get_name(),
+                                _stack(task))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(),
+                                                     STOP_GRACE_SECONDS))
+        except TimeoutError:
+            log.warning("abandoned at exit: threads of the default executor")
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _stack(task: asyncio.Task[Any]) -> str:
+    return "".join(f"\n  {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
+                   for f in task.get_stack()) or " (no frames)"
+
+
 def log_tasks() -> None:
     """On SIGUSR1: log every asyncio task with where it waits, and print every thread's
     stack to stderr: what a daemon that does not stop is waiting for."""
     faulthandler.dump_traceback(all_threads=True)
     for task in asyncio.all_tasks():
-        frames = "".join(f"\n  {f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}"
-                         for f in task.get_stack())
-        log.warning("task %s%s", task.get_name(), frames or " (no frames)")
+        log.warning("task %s%s", task.get_name(), _stack(task))
 
 
 async def serve_until_stopped(
