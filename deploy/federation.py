@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -52,7 +51,6 @@ STOP_TIMEOUT_SECONDS = 120.0
 # one place. FLEETWIRE_LOG_FORMAT is harmless and kept.
 KEEP_ENV = {"FLEETWIRE_LOG_FORMAT"}
 DATABASE_URL_ENV = "FEDERATION_HUB_DATABASE_URL"
-METRICS_RE = re.compile(r"^metrics on (?P<url>\S+)")
 
 
 def _fleetwire() -> tuple[ModuleType, ModuleType]:
@@ -257,19 +255,9 @@ class Federation:
         that says where its /metrics is served (printed right after the ready line)."""
         daemon = self.fed.start(role, name, "127.0.0.1:0", *options, *self.daemon_options)
         if self.daemon_options:
-            # A thread, not select(): the ready line's read may have buffered this one.
-            got: list[str] = []
-            reader = threading.Thread(target=lambda: got.append(daemon.proc.stdout.readline()),
-                                      daemon=True)
-            reader.start()
-            reader.join(10)
-            line = got[0] if got else ""
-            found = METRICS_RE.match(line)
-            if not found:
-                raise RuntimeError(f"{role} '{name}' did not say where its metrics are "
-                                   f"served (got {line.strip()!r})")
+            url = f"http://{daemon.metrics_address()}/metrics"
             with self.state_lock:  # spokes start at once; _write_state reads this
-                self.metrics[name] = found["url"]
+                self.metrics[name] = url
         return daemon
 
     def _write_state(self, *, hub: Any, hub_ca: str, token: str, ready: bool) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from spoke import procfs
 
 FLEETWIRE = [sys.executable, "-m", "shared.cli"]
 READY_TIMEOUT_SECONDS = 30.0
+METRICS_RE = re.compile(r"metrics on http://(?P<address>\S+)/metrics\n")
 READY_RE = re.compile(r" listening on (?P<address>\S+)(?: peers on (?P<peers>\S+))?")
 
 
@@ -39,6 +41,22 @@ class Daemon:
     address: str
     # Where other instances reach it (the hub's peer port; a spoke's only address).
     peer_address: str = ""
+
+    def metrics_address(self, timeout: float = 10.0) -> str:
+        """HOST:PORT of its /metrics, from the line a daemon started with --metrics prints
+        right after the ready line. A thread, not select(): reading the ready line may
+        have buffered this one already."""
+        assert self.proc.stdout is not None
+        stdout = self.proc.stdout
+        got: list[str] = []
+        reader = threading.Thread(target=lambda: got.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        found = METRICS_RE.fullmatch(got[0]) if got else None
+        if found is None:
+            raise RuntimeError(f"{self.role} '{self.name}' did not say where its metrics "
+                               f"are served (got {got[0].strip() if got else ''!r})")
+        return found["address"]
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then wait; SIGKILL only if it does not stop in time."""

@@ -12,13 +12,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hub.demo import wait_for
 from shared.config import load_config
 from spoke import procfs
 from tests.integration.helpers import processes_with_marker
@@ -141,15 +141,6 @@ def processes_under(root: Path) -> list[int]:
     return found
 
 
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 class Up:
     """`deploy/federation.py up` as a child process, and what it wrote down."""
 
@@ -175,7 +166,7 @@ class Up:
                                      f"{self.log.read_text()[-3000:]}")
             return bool(self.state().get("ready"))
 
-        wait_until(ready, UP_TIMEOUT, "the federation to be ready")
+        wait_for(ready, UP_TIMEOUT, "the federation to be ready")
         return self.state()
 
     def close(self) -> None:
@@ -235,7 +226,7 @@ def alive(pid: int, start_time: int) -> bool:
 def assert_all_gone(root: Path, state: dict[str, Any], agent_ids: list[str]) -> None:
     """The supervisor, every daemon and every agent process have gone."""
     recorded = [state, *state["daemons"]]
-    wait_until(lambda: not any(alive(r["pid"], r["start_time"]) for r in recorded), 30,
+    wait_for(lambda: not any(alive(r["pid"], r["start_time"]) for r in recorded), 30,
                "the supervisor and every daemon to be gone")
     for agent_id in agent_ids:
         assert processes_with_marker(agent_id) == [], f"agent {agent_id} left a process"
@@ -263,10 +254,10 @@ def test_federation_script_with_three_spokes(tmp_path: Path, up_runs: list[Up]) 
     short = operator(state, *spawn, "--spoke", "spoke-1", "--task", "short",
                      "--param", "steps=2", "--param", "interval=0.1")["agent_id"]
     for agent_id in long.values():
-        wait_until(lambda a=agent_id: agent_state(state, a) == "RUNNING", 60,
+        wait_for(lambda a=agent_id: agent_state(state, a) == "RUNNING", 60,
                    f"agent {agent_id} to be RUNNING")
         assert processes_with_marker(agent_id)
-    wait_until(lambda: agent_state(state, short) == "SUCCEEDED", 60,
+    wait_for(lambda: agent_state(state, short) == "SUCCEEDED", 60,
                "the short agent to exit 0")
     listed = {a["agent_id"]: a["spoke"] for a in operator(state, "agent", "list")}
     assert listed == {**{a: s for s, a in long.items()}, short: "spoke-1"}
@@ -306,9 +297,9 @@ def test_stop_cleans_up_after_a_killed_supervisor(tmp_path: Path, up_runs: list[
                         "research", "--template", "demo", "--task", "orphan",
                         "--param", "steps=100000")["agent_id"]
     try:
-        wait_until(lambda: agent_state(state, agent_id) == "RUNNING", 60, "RUNNING")
+        wait_for(lambda: agent_state(state, agent_id) == "RUNNING", 60, "RUNNING")
         os.kill(state["pid"], signal.SIGKILL)
-        wait_until(lambda: not alive(state["pid"], state["start_time"]), 30,
+        wait_for(lambda: not alive(state["pid"], state["start_time"]), 30,
                    "the supervisor to die")
         stop = subprocess.run([sys.executable, str(FEDERATION), "stop", "--root", str(root)],
                               capture_output=True, text=True, env=clean_env(), timeout=120)
@@ -340,7 +331,7 @@ def test_federation_script_with_the_hub_on_postgresql(tmp_path: Path,
         agent_id = operator(state, "agent", "spawn", "--spoke", "spoke-1", "--workspace",
                             "research", "--template", "demo", "--task", "pg",
                             "--param", "steps=2", "--param", "interval=0.1")["agent_id"]
-        wait_until(lambda: agent_state(state, agent_id) == "SUCCEEDED", 60, "SUCCEEDED")
+        wait_for(lambda: agent_state(state, agent_id) == "SUCCEEDED", 60, "SUCCEEDED")
         run.proc.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends
         assert run.proc.wait(120) == 0, run.log.read_text()[-3000:]
         assert_all_gone(root, state, [agent_id])

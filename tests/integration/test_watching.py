@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from hub.client import HubClient
-from hub.demo import FLEETWIRE, Daemon
+from hub.demo import FLEETWIRE
 from shared.envelope import new_message_id, seal_envelope
 from shared.errors import NotFound, Unauthenticated
 from shared.identity import load_identity
@@ -33,7 +33,6 @@ from tests.integration.helpers import eventually, state
 
 SPOKE = "spoke-w"
 WATCH = ("--metrics", "127.0.0.1:0")
-METRICS_LINE = re.compile(r"metrics on http://(?P<address>\S+)/metrics\n")
 LOG_KEYS = {"time", "level", "instance", "logger", "event"}
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -42,15 +41,6 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 class Watched:
     fed: Federation
     metrics: dict[str, str]  # instance name -> HOST:PORT of its /metrics
-
-
-def metrics_address(daemon: Daemon) -> str:
-    """Where a daemon started with --metrics serves them: the line after the ready line."""
-    assert daemon.proc.stdout is not None
-    line = daemon.proc.stdout.readline()
-    found = METRICS_LINE.fullmatch(line)
-    assert found, f"no metrics line after the ready line: {line!r}"
-    return found["address"]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +64,8 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Watched]:
             "acme": federation.token("acme", principal="alice", role="operator"),
             "acme-admin": federation.token("acme", principal="ada", role="admin"),
         }
-        yield Watched(federation, {hub_name: metrics_address(hub),
-                                   SPOKE: metrics_address(spoke)})
+        yield Watched(federation, {hub_name: hub.metrics_address(),
+                                   SPOKE: spoke.metrics_address()})
     finally:
         fed.close()
 
@@ -265,7 +255,7 @@ async def test_text_log_format_and_options_from_the_environment(
         monkeypatch.setenv("FLEETWIRE_METRICS", "127.0.0.1:0")
         hub = await asyncio.to_thread(fed.start, "hub", name)
         assert ("fleetwire_commands_total", frozenset()) not in await scrape(
-            metrics_address(hub))
+            hub.metrics_address())
         await asyncio.to_thread(hub.stop)
     finally:
         await asyncio.to_thread(fed.close)

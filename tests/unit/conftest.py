@@ -21,12 +21,6 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Templates]:
         yield made
 
 
-@pytest.fixture(scope="session")
-def migrated_db(templates: Templates) -> Path:
-    """The SQLite template itself (for tests that work on SQLite files directly)."""
-    return templates.sqlite()
-
-
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
