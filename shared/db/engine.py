@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from shared.db import sqlite_driver
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -34,6 +36,8 @@ def make_engine(url: str, *, enforce_foreign_keys: bool = True) -> AsyncEngine:
     # PostgreSQL: a pool large enough for a hub's concurrent requests (each holds a
     # connection only for one transaction).
     pool: dict[str, Any] = {} if sqlite else {"pool_size": 10, "max_overflow": 20}
+    if url.startswith("sqlite+aiosqlite"):
+        pool["module"] = sqlite_driver.dbapi()
     # hide_parameters: a statement's values (token digests, task text) never appear in
     # an error message, so never in a log line.
     engine = create_async_engine(url, pool_pre_ping=not sqlite, hide_parameters=True,
