@@ -10,7 +10,7 @@ import asyncio
 import secrets
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from hub.dispatch import SpokeDispatcher
 from hub.liveness import OFFLINE, spoke_status
@@ -53,6 +53,11 @@ def _not_found_spoke(spoke: str) -> NotFound:
                     "(a spoke is known once it joined, and reachable once it has an address)")
 
 
+# A spoke peer (active, with an address) by name; built once.
+_ONE_SPOKE = select(models.Peer).where(models.Peer.name == bindparam("b_name"),
+                                       models.Peer.state == ACTIVE, models.Peer.address != "")
+
+
 class HubOperator:
     def __init__(self, cfg: Config, trail: AuditTrail, dispatcher: SpokeDispatcher,
                  registry: HubRegistry) -> None:
@@ -80,7 +85,8 @@ class HubOperator:
 
     async def _address(self, spoke: str) -> str:
         """The address of a spoke that may be asked now; fail fast if it is OFFLINE."""
-        peer = (await self._spokes()).get(spoke)
+        async with self._trail.reader() as session:
+            peer = (await session.execute(_ONE_SPOKE, {"b_name": spoke})).scalar_one_or_none()
         if peer is None:
             raise _not_found_spoke(spoke)
         if self._status(peer) == OFFLINE:

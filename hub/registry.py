@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.events import AgentEvents
@@ -35,6 +35,28 @@ def known_agent(row: models.HubAgent) -> wire_pb2.Agent:
     agent.spoke = row.spoke
     agent.reported_at_ms = row.reported_at_ms or 0
     return agent
+
+
+# An answer that brings nothing newer than the registry has (most live status answers):
+# only the time it was heard changes. One statement, where _apply reads the row first.
+_HEARD_AGAIN = (
+    update(models.HubAgent)
+    .where(models.HubAgent.agent_id == bindparam("b_agent"),
+           models.HubAgent.spoke == bindparam("b_spoke"),
+           models.HubAgent.tenant == bindparam("b_tenant"),
+           models.HubAgent.report_seq >= bindparam("b_seq"),
+           models.HubAgent.snapshot.is_not(None))
+    .values(reported_at_ms=bindparam("b_now"))
+    .execution_options(synchronize_session=False))
+
+
+async def _heard_again(session: AsyncSession, spoke: str, agent: wire_pb2.Agent) -> bool:
+    """Stamp the agent as heard from now if the answer is not newer than what the
+    registry holds; False if it is (or the agent is not there as that spoke's)."""
+    result = await session.execute(_HEARD_AGAIN, {
+        "b_agent": agent.agent_id, "b_spoke": spoke, "b_tenant": agent.tenant,
+        "b_seq": agent.seq, "b_now": now_ms()})
+    return bool(getattr(result, "rowcount", 0) == 1)
 
 
 class HubRegistry:
@@ -95,6 +117,8 @@ class HubRegistry:
         if agent.tenant != current_scope().tenant:
             return
         async with self._trail.transaction() as session:
+            if audit is None and await _heard_again(session, spoke, agent):
+                return
             applied = await self._apply(session, spoke, agent, adopt_unknown=True)
             if audit is not None:
                 await append_audit(session, audit)

@@ -51,7 +51,9 @@ class EnvelopeInbox:
 
     async def deliver(self, request: wire_pb2.SignedEnvelope,
                       context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
-                      refusal: str, answer: Answer) -> wire_pb2.SignedEnvelope:
+                      refusal: str, answer: Answer,
+                      reads_only: Callable[[wire_pb2.Envelope], bool] = lambda _: False,
+                      ) -> wire_pb2.SignedEnvelope:
         """The signed answer to one envelope; refusals end the RPC with their status."""
         # Which step a refusal came from, for the rejection metric.
         step = "malformed"
@@ -69,7 +71,8 @@ class EnvelopeInbox:
             # found by the retry and taken as done. The work runs to its end apart from
             # the RPC, and its stored answer is what the retry gets.
             work = asyncio.ensure_future(
-                self._memory.once(opened, lambda: self._sealed(opened, answer)))
+                self._memory.once(opened, lambda: self._sealed(opened, answer),
+                                  reads_only=reads_only(opened.envelope)))
             self._carrying.add(work)
             work.add_done_callback(_settle)
             work.add_done_callback(self._carrying.discard)

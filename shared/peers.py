@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -136,6 +136,12 @@ def check_address(address: str) -> str:
     return address
 
 
+# Built once: a statement built per message costs more than the query it runs.
+_KEY_AND_PEER = (select(models.PeerKey, models.Peer)
+                 .join(models.Peer, models.Peer.id == models.PeerKey.peer_id)
+                 .where(models.PeerKey.key_id == bindparam("b_key_id")))
+
+
 class DbKeyring:
     """Keyring over the peer tables, read per message so changes act at once."""
 
@@ -146,10 +152,7 @@ class DbKeyring:
 
     async def find_key(self, key_id: str) -> PeerKey | None:
         async with self._sessions() as session:
-            row = (await session.execute(
-                select(models.PeerKey, models.Peer)
-                .join(models.Peer, models.Peer.id == models.PeerKey.peer_id)
-                .where(models.PeerKey.key_id == key_id))).first()
+            row = (await session.execute(_KEY_AND_PEER, {"b_key_id": key_id})).first()
         if row is None:
             return None
         key, peer = row

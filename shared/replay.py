@@ -6,9 +6,9 @@ import asyncio
 import hashlib
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, update
+from sqlalchemy import Table, delete, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -48,9 +48,14 @@ class MessageMemory:
         self._takeover_after_ms = takeover_after_ms
 
     async def once(
-        self, opened: OpenedEnvelope, handle: Callable[[], Awaitable[bytes]]
+        self, opened: OpenedEnvelope, handle: Callable[[], Awaitable[bytes]], *,
+        reads_only: bool = False,
     ) -> bytes:
-        """Return the stored answer for this message, or run handle() and store its."""
+        """Return the stored answer for this message, or run handle() and store its.
+
+        reads_only: handle() changes nothing (a status or list query), so it may run
+        before the id is recorded, and the id and answer are written together.
+        """
         env = opened.envelope
         key = (env.sender, env.message_id)
         digest = hashlib.sha256(opened.raw).hexdigest()
@@ -58,6 +63,9 @@ class MessageMemory:
         users[0] += 1
         try:
             async with lock:
+                if reads_only:
+                    return await self._answer_read(env.sender, env.message_id, digest,
+                                                   handle)
                 stored = await self._claim(env.sender, env.message_id, digest)
                 if stored is not None:
                     return stored
@@ -80,6 +88,31 @@ class MessageMemory:
             users[0] -= 1
             if users[0] == 0:
                 del self._inflight[key]
+
+    async def _answer_read(self, sender: str, message_id: str, digest: str,
+                           handle: Callable[[], Awaitable[bytes]]) -> bytes:
+        """Answer a query, then record its id with the answer in one write (one
+        transaction instead of a claim and an answer). A retry (same bytes) gets the
+        stored answer; other bytes under a known id are refused as a replay, after the
+        query ran: a query changes nothing, so nothing was done twice."""
+        answer = await handle()
+        m = models.SeenMessage
+        async with self._write_lock, self._sessions() as session, session.begin():
+            insert = (pg_insert if is_postgres(session) else sqlite_insert)(
+                cast(Table, m.__table__))
+            recorded = await session.execute(insert.on_conflict_do_nothing(), {
+                "sender": sender, "message_id": message_id, "envelope_sha256": digest,
+                "response": answer, "received_at_ms": now_ms(), "claimed_by": None})
+            if getattr(recorded, "rowcount", 0) == 1:
+                return answer
+            seen = await session.get(m, (sender, message_id))
+        if seen is not None and seen.envelope_sha256 != digest:
+            raise Unauthenticated(
+                f"envelope rejected: message_id '{message_id}' was already used with "
+                "other content (replay)")
+        # A retry: the first answer stands (or, if it is still being worked out
+        # elsewhere, this one is as good: the query changed nothing).
+        return seen.response if seen is not None and seen.response is not None else answer
 
     def _mine(self, sender: str, message_id: str) -> tuple[Any, ...]:
         m = models.SeenMessage

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -46,11 +46,15 @@ async def create_workspace(session: AsyncSession, tenant: str, slug: str,
         raise InvalidArgument(f"workspace '{slug}' already exists in tenant '{tenant}'") from None
 
 
+# Asked on every command a spoke takes; built once.
+_WORKSPACE = (select(models.Workspace.id)
+              .join(models.Tenant, models.Tenant.id == models.Workspace.tenant_id)
+              .where(models.Tenant.slug == bindparam("b_tenant"),
+                     models.Workspace.slug == bindparam("b_slug")))
+
+
 async def workspace_exists(session: AsyncSession, tenant: str, slug: str) -> bool:
-    row = (await session.execute(
-        select(models.Workspace.id)
-        .join(models.Tenant, models.Tenant.id == models.Workspace.tenant_id)
-        .where(models.Tenant.slug == tenant, models.Workspace.slug == slug))).first()
+    row = (await session.execute(_WORKSPACE, {"b_tenant": tenant, "b_slug": slug})).first()
     return row is not None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -78,13 +78,17 @@ async def revoke_grant(
     await session.delete(grant)
 
 
+# Asked on every command; built once.
+_GRANTS = (select(models.Grant.workspace, models.Grant.max_role)
+           .join(models.Peer, models.Peer.id == models.Grant.peer_id)
+           .join(models.Tenant, models.Tenant.id == models.Grant.tenant_id)
+           .where(models.Peer.name == bindparam("b_peer"),
+                  models.Tenant.slug == bindparam("b_tenant")))
+
+
 async def tenant_grant(session: AsyncSession, peer: str, tenant: str) -> TenantGrant | None:
     """The grants `peer` holds in `tenant`, or None (then the tenant is invisible to it)."""
-    rows = (await session.execute(
-        select(models.Grant.workspace, models.Grant.max_role)
-        .join(models.Peer, models.Peer.id == models.Grant.peer_id)
-        .join(models.Tenant, models.Tenant.id == models.Grant.tenant_id)
-        .where(models.Peer.name == peer, models.Tenant.slug == tenant))).all()
+    rows = (await session.execute(_GRANTS, {"b_peer": peer, "b_tenant": tenant})).all()
     if not rows:
         return None
     roles: dict[str, Role] = {}

@@ -12,6 +12,13 @@ from shared.rotation import take_announcement
 from spoke.commands import SpokeCommands
 
 _ACCEPTS = frozenset({"command", "key_announcement"})
+# Commands that change nothing: their id and answer are recorded in one write.
+_QUERIES = frozenset({"get", "list", "logs"})
+
+
+def _is_query(envelope: wire_pb2.Envelope) -> bool:
+    return (envelope.WhichOneof("body") == "command"
+            and envelope.command.WhichOneof("action") in _QUERIES)
 
 
 class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
@@ -25,7 +32,7 @@ class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
         self, request: wire_pb2.SignedEnvelope, context: grpc.aio.ServicerContext
     ) -> wire_pb2.SignedEnvelope:
         return await self._inbox.deliver(
-            request, context, accepts=_ACCEPTS, answer=self._answer,
+            request, context, accepts=_ACCEPTS, answer=self._answer, reads_only=_is_query,
             refusal="this spoke accepts only commands and key announcements")
 
     async def _answer(self, opened: OpenedEnvelope) -> wire_pb2.Response:

@@ -9,6 +9,7 @@ every process of the agent, the grace period, then SIGKILL until nothing of it i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -313,7 +314,14 @@ async def terminate_processes(agent_id: str, launched: Launched, grace_seconds: 
     for proc in procs:
         procfs.signal_process(proc, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
-    pause = FIRST_POLL_SECONDS  # most agents stop at once: look again soon, then less often
+    if any(p.pid == launched.pid and p.start_time == launched.start_time for p in procs):
+        # Most agents end with their first process: wait for it (its pidfd says when)
+        # rather than passing over /proc while it runs, then look for what is left.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(procfs.wait_exit(launched.pid, launched.start_time),
+                                   timeout=grace_seconds)
+        procs = await asyncio.to_thread(scan)
+    pause = FIRST_POLL_SECONDS  # what is left may stop soon: look again soon, then less often
     while procs and time.monotonic() < deadline:
         await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(pause * 2, POLL_SECONDS)

@@ -302,3 +302,50 @@ async def test_a_claim_abandoned_by_another_process_is_taken_over(backend, engin
     assert await eager.once(opened, handler) == b"taken-over"
     assert handler.calls == 1
     assert await patient.once(opened, CountingHandler(b"later")) == b"taken-over"
+
+
+async def test_a_query_is_recorded_with_its_answer_in_one_write(memory, sessions, hub,
+                                                                keyring) -> None:
+    signed = seal_envelope(hub, recipient=SPOKE, command=command(), message_id="q1")
+    first = await open_envelope(signed, keyring=keyring, me=SPOKE)
+    again = await open_envelope(wire_pb2.SignedEnvelope.FromString(
+        signed.SerializeToString()), keyring=keyring, me=SPOKE)
+
+    assert await memory.once(first, CountingHandler(b"first"), reads_only=True) == b"first"
+    async with sessions() as s:
+        row = await s.get(models.SeenMessage, ("hub-1", "q1"))
+    assert row is not None and row.response == b"first" and row.claimed_by is None
+    assert row.envelope_sha256 == hashlib.sha256(first.raw).hexdigest()
+    # A retry of a query runs it again (it changes nothing) but gets the first answer.
+    retry = CountingHandler(b"second")
+    assert await memory.once(again, retry, reads_only=True) == b"first"
+    assert retry.calls == 1
+    assert await row_count(sessions) == 1
+
+
+async def test_a_query_under_a_used_id_with_other_bytes_is_refused(memory, sessions, hub,
+                                                                   keyring) -> None:
+    original = await sealed_and_opened(hub, keyring, message_id="q1", tenant="acme")
+    forged = await sealed_and_opened(hub, keyring, message_id="q1", tenant="other")
+    await memory.once(original, CountingHandler(b"a"), reads_only=True)
+    with pytest.raises(Unauthenticated, match="replay"):
+        await memory.once(forged, CountingHandler(b"b"), reads_only=True)
+    # Nor does a query's id let a command through with other bytes, or the reverse.
+    with pytest.raises(Unauthenticated, match="replay"):
+        await memory.once(forged, CountingHandler(b"b"))
+    await memory.once(forged_other := await sealed_and_opened(
+        hub, keyring, message_id="c1", tenant="other"), CountingHandler(b"c"))
+    assert forged_other.raw != original.raw
+    with pytest.raises(Unauthenticated, match="replay"):
+        await memory.once(await sealed_and_opened(hub, keyring, message_id="c1"),
+                          CountingHandler(b"d"), reads_only=True)
+    assert await row_count(sessions) == 2
+
+
+async def test_a_failed_query_records_nothing(memory, sessions, hub, keyring) -> None:
+    opened = await sealed_and_opened(hub, keyring, message_id="q1")
+    with pytest.raises(RuntimeError):
+        await memory.once(opened, CountingHandler(fail=RuntimeError("boom")),
+                          reads_only=True)
+    assert await row_count(sessions) == 0
+    assert await memory.once(opened, CountingHandler(b"ok"), reads_only=True) == b"ok"
