@@ -24,6 +24,16 @@ from shared.errors import Unauthenticated, Unavailable
 TAKEOVER_AFTER_MS = 10 * 60 * 1000
 
 
+async def _insert_new(session: AsyncSession, **row: Any) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING of a seen_messages row: True if this one
+    inserted it. Of processes sharing the database that insert an id at once, exactly
+    one does; the others read its row."""
+    insert = (pg_insert if is_postgres(session) else sqlite_insert)(
+        cast(Table, models.SeenMessage.__table__))
+    result = await session.execute(insert.on_conflict_do_nothing(), row)
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
 class MessageMemory:
     """Runs each (sender, message_id) once and remembers its signed answer.
 
@@ -98,12 +108,9 @@ class MessageMemory:
         answer = await handle()
         m = models.SeenMessage
         async with self._write_lock, self._sessions() as session, session.begin():
-            insert = (pg_insert if is_postgres(session) else sqlite_insert)(
-                cast(Table, m.__table__))
-            recorded = await session.execute(insert.on_conflict_do_nothing(), {
-                "sender": sender, "message_id": message_id, "envelope_sha256": digest,
-                "response": answer, "received_at_ms": now_ms(), "claimed_by": None})
-            if getattr(recorded, "rowcount", 0) == 1:
+            if await _insert_new(session, sender=sender, message_id=message_id,
+                                 envelope_sha256=digest, response=answer,
+                                 received_at_ms=now_ms(), claimed_by=None):
                 return answer
             seen = await session.get(m, (sender, message_id))
         if seen is not None and seen.envelope_sha256 != digest:
@@ -124,14 +131,9 @@ class MessageMemory:
         m = models.SeenMessage
         now = now_ms()
         async with self._write_lock, self._sessions() as session, session.begin():
-            # INSERT ... ON CONFLICT DO NOTHING: of processes sharing the database that
-            # claim the id at once, exactly one inserts; the others read its row.
-            insert = (pg_insert if is_postgres(session) else sqlite_insert)(m)
-            claimed = await session.execute(
-                insert.values(sender=sender, message_id=message_id, envelope_sha256=digest,
-                              response=None, received_at_ms=now, claimed_by=self.owner)
-                .on_conflict_do_nothing())
-            if getattr(claimed, "rowcount", 0) == 1:
+            if await _insert_new(session, sender=sender, message_id=message_id,
+                                 envelope_sha256=digest, response=None,
+                                 received_at_ms=now, claimed_by=self.owner):
                 return None
             seen = await session.get(m, (sender, message_id))
             if seen is None:
