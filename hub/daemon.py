@@ -32,6 +32,7 @@ from shared.peers import DbKeyring
 from shared.replay import MessageMemory
 from shared.rotation import KeyAnnouncer
 from shared.rpc import Listen, refuse_plaintext_off_loopback, start_server
+from shared.security_view import SecurityView
 from shared.tls import is_loopback
 
 
@@ -55,16 +56,18 @@ async def run_hub(cfg: Config, listen: str, peer_listen: str, *, insecure: bool 
         operator_creds = certs.server_tls()
     elif not is_loopback(listen):
         refuse_plaintext_off_loopback(listen, "the hub's operator API")
-    keyring = DbKeyring(sessions)
+    # One view of keys and tokens for everything this daemon checks.
+    view = SecurityView(sessions)
+    keyring = DbKeyring(sessions, view=view)
     dispatcher = SpokeDispatcher(cfg, identity, keyring, certs, metrics)
     trail = AuditTrail(sessions)
     memory = MessageMemory(sessions, trail.write_lock)
     registry = HubRegistry(trail, AgentEvents())
     operator = HubOperator(cfg, trail, dispatcher, registry)
-    service = OperatorService(trail, operator, metrics)
+    service = OperatorService(trail, operator, metrics, view)
     inbox = EnvelopeInbox(identity, keyring, memory, trail, metrics,
                           skew_ms=cfg.wire.max_clock_skew_seconds * 1000,
-                          mutual_tls=certs is not None)
+                          mutual_tls=certs is not None, view=view)
     peers = HubPeerService(inbox, trail, registry)
 
     async def gauges() -> list[Reading]:

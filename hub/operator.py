@@ -87,6 +87,10 @@ class HubOperator:
         """The address of a spoke that may be asked now; fail fast if it is OFFLINE."""
         async with self._trail.reader() as session:
             peer = (await session.execute(_ONE_SPOKE, {"b_name": spoke})).scalar_one_or_none()
+        return self._reachable(spoke, peer)
+
+    def _reachable(self, spoke: str, peer: models.Peer | None) -> str:
+        """The address of spoke (its record: peer) if it may be asked now."""
         if peer is None:
             raise _not_found_spoke(spoke)
         if self._status(peer) == OFFLINE:
@@ -123,12 +127,12 @@ class HubOperator:
 
     async def status(self, agent_id: str, live: bool = False) -> wire_pb2.Agent:
         require_role(current_scope().principal, Action.STATUS)
-        known = await self._known(agent_id)
+        known, peer = await self._known(agent_id)
         if not live:
-            return self._marked(known_agent(known), await self._spokes())
+            return self._marked(known_agent(known), {known.spoke: peer} if peer else {})
         command = self._command(known.workspace)
         command.get.agent_id = agent_id
-        response = await self._dispatch.send(known.spoke, await self._address(known.spoke),
+        response = await self._dispatch.send(known.spoke, self._reachable(known.spoke, peer),
                                              command)
         return await self._seen(known.spoke, response.agent)
 
@@ -137,7 +141,7 @@ class HubOperator:
         # Operators may kill only what they spawned; the spoke decides that, since only
         # it knows the agent's principal for sure.
         require_role(current_scope().principal, Action.KILL)
-        known = await self._known(agent_id)
+        known, peer = await self._known(agent_id)
         command = self._command(known.workspace)
         command.kill.agent_id = agent_id
         command.kill.reason = reason
@@ -145,7 +149,7 @@ class HubOperator:
             command.kill.grace_ms = grace_ms
         message_id, signed = self._dispatch.seal(known.spoke, command)
         response = await self._dispatch.deliver(
-            known.spoke, await self._address(known.spoke), message_id, signed,
+            known.spoke, self._reachable(known.spoke, peer), message_id, signed,
             extra_timeout=(grace_ms or 0) / 1000 + 10.0)
         return await self._seen(known.spoke, response.agent, _done(
             "agent.kill", response.agent, known.spoke, message_id,
@@ -246,10 +250,10 @@ class HubOperator:
 
     async def logs(self, agent_id: str, tail_lines: int) -> wire_pb2.AgentLogs:
         require_role(current_scope().principal, Action.STATUS)
-        known = await self._known(agent_id)
+        known, peer = await self._known(agent_id)
         command = self._command(known.workspace)
         command.logs.CopyFrom(wire_pb2.GetLogs(agent_id=agent_id, tail_lines=tail_lines))
-        response = await self._dispatch.send(known.spoke, await self._address(known.spoke),
+        response = await self._dispatch.send(known.spoke, self._reachable(known.spoke, peer),
                                              command)
         return response.logs
 
@@ -296,11 +300,13 @@ class HubOperator:
         made.spoke = req.spoke
         return made
 
-    async def _known(self, agent_id: str) -> models.HubAgent:
-        known = await self.registry.find(agent_id)
-        if known is None:
+    async def _known(self, agent_id: str) -> tuple[models.HubAgent, models.Peer | None]:
+        """An agent of the caller's tenant, and its spoke's record if that spoke is
+        active with an address."""
+        found = await self.registry.find_with_spoke(agent_id)
+        if found is None:
             raise not_found_agent(agent_id)
-        return known
+        return found
 
     async def _seen(self, spoke: str, agent: wire_pb2.Agent,
                     audit: AuditEntry | None = None) -> wire_pb2.Agent:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.events import AgentEvents
@@ -17,6 +17,7 @@ from shared.audit import AuditEntry, AuditTrail, append_audit
 from shared.db import models
 from shared.envelope import now_ms
 from shared.pb.v1 import wire_pb2
+from shared.peers import ACTIVE
 from shared.scope import current_scope
 
 log = logging.getLogger(__name__)
@@ -59,18 +60,30 @@ async def _heard_again(session: AsyncSession, spoke: str, agent: wire_pb2.Agent)
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
+# An agent by id in a tenant, with its spoke if that one may be asked (active, with an
+# address); asked on every status, kill and logs request, built once.
+_AGENT_AND_SPOKE = (
+    select(models.HubAgent, models.Peer)
+    .join(models.Peer, and_(models.Peer.name == models.HubAgent.spoke,
+                            models.Peer.state == ACTIVE, models.Peer.address != ""),
+          isouter=True)
+    .where(models.HubAgent.agent_id == bindparam("b_agent"),
+           models.HubAgent.tenant == bindparam("b_tenant")))
+
+
 class HubRegistry:
     def __init__(self, trail: AuditTrail, events: AgentEvents) -> None:
         self._trail = trail
         self.events = events
 
-    async def find(self, agent_id: str) -> models.HubAgent | None:
-        scope = current_scope()
+    async def find_with_spoke(self, agent_id: str
+                              ) -> tuple[models.HubAgent, models.Peer | None] | None:
+        """An agent of the active tenant and its spoke's record (None if that spoke is
+        not active or has no address), in one statement."""
         async with self._trail.reader() as session:
-            return (await session.execute(
-                select(models.HubAgent).where(models.HubAgent.agent_id == agent_id,
-                                              models.HubAgent.tenant == scope.tenant)
-            )).scalar_one_or_none()
+            row = (await session.execute(_AGENT_AND_SPOKE, {
+                "b_agent": agent_id, "b_tenant": current_scope().tenant})).first()
+        return None if row is None else (row[0], row[1])
 
     async def visible(self, *, spoke: str = "", workspace: str = "") -> list[models.HubAgent]:
         """The active tenant's agents, optionally on one spoke or in one workspace."""

@@ -11,7 +11,16 @@ import grpc
 
 from hub.operator import HubOperator
 from hub.token_admin import TenantTokens
-from hub.tokens import Authenticated, Issued, TokenExpired, authenticate, deactivate_token
+from hub.tokens import (
+    Authenticated,
+    Issued,
+    TokenExpired,
+    TokenRecord,
+    check_token,
+    check_token_text,
+    deactivate_token,
+    read_token,
+)
 from shared.audit import REFUSED, AuditEntry, AuditTrail, append_audit
 from shared.config import SLUG_RE, check_name
 from shared.envelope import now_ms
@@ -19,6 +28,7 @@ from shared.errors import FleetwireError, Internal, InvalidArgument, Unauthentic
 from shared.metrics import Metrics
 from shared.pb.v1 import operator_pb2, operator_pb2_grpc, wire_pb2
 from shared.scope import Action, Role, Scope, current_scope, require_role, use_scope
+from shared.security_view import SecurityView
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -36,11 +46,14 @@ def _authorized(action: str) -> Callable[[Handler[R]], Handler[R]]:
             auth: Authenticated | None = None
             with self._metrics.operator_request(method.__name__) as observed:
                 try:
-                    auth = await self._authenticate(context)
-                    scope = Scope(tenant=auth.tenant, workspace=None,
-                                  principal=auth.principal)
-                    with use_scope(scope):
-                        return await method(self, request, context)
+                    # One read of the security epoch covers the token and the spoke's
+                    # key that signs the answer.
+                    async with self._view.checked():
+                        auth = await self._authenticate(context)
+                        scope = Scope(tenant=auth.tenant, workspace=None,
+                                      principal=auth.principal)
+                        with use_scope(scope):
+                            return await method(self, request, context)
                 except FleetwireError as err:
                     refusal = err
                 except Exception:
@@ -57,8 +70,12 @@ def _authorized(action: str) -> Callable[[Handler[R]], Handler[R]]:
 
 
 class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
-    def __init__(self, trail: AuditTrail, operator: HubOperator, metrics: Metrics) -> None:
+    def __init__(self, trail: AuditTrail, operator: HubOperator, metrics: Metrics,
+                 view: SecurityView) -> None:
         self._trail = trail
+        # Tokens (and, through the keyring, spoke keys): read once per request and kept
+        # while the security epoch stands.
+        self._view = view
         self._operator = operator
         self._metrics = metrics
         self._tokens = TenantTokens(trail)
@@ -71,8 +88,13 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 token = value.removeprefix("Bearer ").strip()
         if not token:
             raise Unauthenticated("no operator token; pass --token or set FLEETWIRE_TOKEN")
+        digest = check_token_text(token)
+        found = await self._view.lookup(("token", digest), lambda: self._read_token(digest))
+        return check_token(found, now_ms=now_ms())
+
+    async def _read_token(self, digest: str) -> TokenRecord | None:
         async with self._trail.reader() as session:
-            return await authenticate(session, token, now_ms=now_ms())
+            return await read_token(session, digest)
 
     async def _refused(self, action: str, auth: Authenticated | None, request: Any,
                        err: FleetwireError) -> None:

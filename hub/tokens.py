@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.config import check_name
@@ -177,25 +177,61 @@ class Authenticated:
     token_id: int
 
 
-async def authenticate(session: AsyncSession, token: str, *, now_ms: int) -> Authenticated:
-    """The tenant and principal a bearer token stands for, or Unauthenticated
-    (TokenExpired for one past its grace: the caller deactivates it)."""
+@dataclass(frozen=True)
+class TokenRecord:
+    """What the hub holds of a token; whether it works is decided per request."""
+
+    id: int
+    tenant: str
+    principal: str
+    role: int
+    revoked_at_ms: int | None
+    expires_at_ms: int | None
+    replaced_by_id: int | None
+
+
+def check_token_text(token: str) -> str:
+    """The digest of a well-formed token; Unauthenticated for anything else."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 256:
         raise Unauthenticated(
             "operator token is malformed; pass the token from `fleetwire token create` "
             "with --token or FLEETWIRE_TOKEN")
-    row = (await session.execute(
-        select(models.OperatorToken, models.Tenant.slug)
-        .join(models.Tenant, models.Tenant.id == models.OperatorToken.tenant_id)
-        .where(models.OperatorToken.token_sha256 == token_digest(token)))).first()
-    if row is None or row[0].revoked_at_ms is not None:
-        raise Unauthenticated("operator token is not valid; ask an admin for a new one")
+    return token_digest(token)
+
+
+# Asked on every operator request; built once.
+_BY_DIGEST = (select(models.OperatorToken, models.Tenant.slug)
+              .join(models.Tenant, models.Tenant.id == models.OperatorToken.tenant_id)
+              .where(models.OperatorToken.token_sha256 == bindparam("b_digest")))
+
+
+async def read_token(session: AsyncSession, digest: str) -> TokenRecord | None:
+    row = (await session.execute(_BY_DIGEST, {"b_digest": digest})).first()
+    if row is None:
+        return None
     tok, tenant = row
+    return TokenRecord(id=tok.id, tenant=tenant, principal=tok.principal, role=tok.role,
+                       revoked_at_ms=tok.revoked_at_ms, expires_at_ms=tok.expires_at_ms,
+                       replaced_by_id=tok.replaced_by_id)
+
+
+def check_token(tok: TokenRecord | None, *, now_ms: int) -> Authenticated:
+    """The tenant and principal a token record stands for at now_ms, or Unauthenticated
+    (TokenExpired for one past its grace: the caller deactivates it)."""
+    if tok is None or tok.revoked_at_ms is not None:
+        raise Unauthenticated("operator token is not valid; ask an admin for a new one")
     if tok.expires_at_ms is not None and tok.expires_at_ms <= now_ms:
         raise TokenExpired(
             f"operator token {tok.id} was rotated and its grace ended; use its replacement "
             f"(token {tok.replaced_by_id})", token_id=tok.id)
-    return Authenticated(tenant, Principal(name=tok.principal, role=Role(tok.role)), tok.id)
+    return Authenticated(tok.tenant, Principal(name=tok.principal, role=Role(tok.role)),
+                         tok.id)
+
+
+async def authenticate(session: AsyncSession, token: str, *, now_ms: int) -> Authenticated:
+    """The tenant and principal a bearer token stands for, or Unauthenticated
+    (TokenExpired for one past its grace: the caller deactivates it)."""
+    return check_token(await read_token(session, check_token_text(token)), now_ms=now_ms)
 
 
 async def deactivate_token(session: AsyncSession, token_id: int, now_ms: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 
 import grpc
 
@@ -26,6 +27,7 @@ from shared.identity import Identity
 from shared.metrics import Metrics
 from shared.pb.v1 import wire_pb2
 from shared.replay import MessageMemory
+from shared.security_view import SecurityView
 from shared.tls import fingerprint
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,11 @@ Answer = Callable[[OpenedEnvelope], Awaitable[wire_pb2.Response]]
 class EnvelopeInbox:
     def __init__(self, identity: Identity, keyring: Keyring, memory: MessageMemory,
                  trail: AuditTrail, metrics: Metrics, skew_ms: int, *,
-                 mutual_tls: bool) -> None:
+                 mutual_tls: bool, view: SecurityView | None = None) -> None:
         self._identity = identity
+        # What the keyring and the answers look up is checked against this once per
+        # message (None: each lookup checks for itself).
+        self._view = view
         self._keyring = keyring
         self._memory = memory
         self._trail = trail
@@ -55,6 +60,15 @@ class EnvelopeInbox:
                       reads_only: Callable[[wire_pb2.Envelope], bool] = lambda _: False,
                       ) -> wire_pb2.SignedEnvelope:
         """The signed answer to one envelope; refusals end the RPC with their status."""
+        async with self._view.checked() if self._view is not None else nullcontext():
+            sealed = await self._deliver(request, context, accepts=accepts, refusal=refusal,
+                                         answer=answer, reads_only=reads_only)
+        return wire_pb2.SignedEnvelope.FromString(sealed)
+
+    async def _deliver(self, request: wire_pb2.SignedEnvelope,
+                       context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
+                       refusal: str, answer: Answer,
+                       reads_only: Callable[[wire_pb2.Envelope], bool]) -> bytes:
         # Which step a refusal came from, for the rejection metric.
         step = "malformed"
         try:
@@ -84,7 +98,7 @@ class EnvelopeInbox:
                 action="envelope", outcome=REFUSED, target=f"key_id {request.key_id[:32]}",
                 reason=err.message))
             await abort(context, err)
-        return wire_pb2.SignedEnvelope.FromString(sealed)
+        return sealed
 
     async def _sealed(self, opened: OpenedEnvelope, answer: Answer) -> bytes:
         env = opened.envelope

@@ -16,6 +16,7 @@ from shared.envelope import PeerKey, now_ms
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.identity import key_id_for
 from shared.pb.v1 import wire_pb2
+from shared.security_view import SecurityView
 from shared.tls import fingerprint
 
 # Peer states. Only an ACTIVE peer's messages are accepted; REVOKED is for good.
@@ -40,7 +41,20 @@ class PeerInfo:
     tls_fingerprint: str = ""
 
 
-def key_in_use(key: models.PeerKey, now: int) -> bool:
+@dataclass(frozen=True)
+class _KeyRecord:
+    """What the registry holds of a key; whether it is in use is decided per message."""
+
+    peer_name: str
+    peer_state: str
+    key_id: str
+    state: str
+    expires_at_ms: int | None
+    public_key: bytes
+    tls_fingerprint: str
+
+
+def key_in_use(key: models.PeerKey | _KeyRecord, now: int) -> bool:
     """Active, and not past the grace period of a rotation away from it."""
     return key.state == ACTIVE and (key.expires_at_ms is None or now < key.expires_at_ms)
 
@@ -143,23 +157,35 @@ _KEY_AND_PEER = (select(models.PeerKey, models.Peer)
 
 
 class DbKeyring:
-    """Keyring over the peer tables, read per message so changes act at once."""
+    """Keyring over the peer tables. What it reads is kept while the security epoch
+    stands (shared/security_view.py), so a change acts on the next message."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession],
-                 clock_ms: Callable[[], int] = now_ms) -> None:
+                 clock_ms: Callable[[], int] = now_ms, *,
+                 view: SecurityView | None = None) -> None:
         self._sessions = sessions
         self._clock_ms = clock_ms
+        self.view = view or SecurityView(sessions)
 
     async def find_key(self, key_id: str) -> PeerKey | None:
+        found = await self.view.lookup(("key", key_id), lambda: self._read(key_id))
+        if found is None:
+            return None
+        return PeerKey(peer_name=found.peer_name, peer_active=found.peer_state == ACTIVE,
+                       key_id=found.key_id, key_active=key_in_use(found, self._clock_ms()),
+                       public_key=found.public_key, peer_state=found.peer_state,
+                       tls_fingerprint=found.tls_fingerprint)
+
+    async def _read(self, key_id: str) -> _KeyRecord | None:
         async with self._sessions() as session:
             row = (await session.execute(_KEY_AND_PEER, {"b_key_id": key_id})).first()
         if row is None:
             return None
         key, peer = row
-        return PeerKey(peer_name=peer.name, peer_active=peer.state == ACTIVE,
-                       key_id=key.key_id, key_active=key_in_use(key, self._clock_ms()),
-                       public_key=key.public_key, peer_state=peer.state,
-                       tls_fingerprint=fingerprint(peer.tls_cert) if peer.tls_cert else "")
+        return _KeyRecord(peer_name=peer.name, peer_state=peer.state, key_id=key.key_id,
+                          state=key.state, expires_at_ms=key.expires_at_ms,
+                          public_key=key.public_key,
+                          tls_fingerprint=fingerprint(peer.tls_cert) if peer.tls_cert else "")
 
 
 async def accept_key_announcement(session: AsyncSession, *, sender: str, signed_by: str,

@@ -45,11 +45,12 @@ from shared.scope import (
     require_role,
     use_scope,
 )
+from shared.security_view import SecurityView
 from shared.tenancy import create_workspace, workspace_exists
 from spoke import procfs
 from spoke.drain import WATCH_SECONDS as DRAIN_WATCH_SECONDS
 from spoke.drain import drain_reason
-from spoke.grants import tenant_grant
+from spoke.grants import TenantGrant, tenant_grant
 from spoke.limits import AgentCgroups, CgroupSupport, Limits
 from spoke.logs import read_tail
 from spoke.store import FINAL_STATES, AgentLedger, ScopedAgents, to_wire
@@ -75,9 +76,11 @@ class _Target:
 
 class SpokeCommands:
     def __init__(self, cfg: Config, sessions: async_sessionmaker[AsyncSession],
-                 trail: AuditTrail, metrics: Metrics) -> None:
+                 trail: AuditTrail, metrics: Metrics, view: SecurityView) -> None:
         self._cfg = cfg
         self._sessions = sessions
+        # Grants and workspaces, read once and kept while the security epoch stands.
+        self._view = view
         self._trail = trail
         self._metrics = metrics
         self.agents = ScopedAgents(trail)
@@ -130,12 +133,13 @@ class SpokeCommands:
             raise InvalidArgument("command names no workspace")
         if not SLUG_RE.match(command.tenant) or (workspace and not SLUG_RE.match(workspace)):
             raise hidden()
-        async with self._sessions() as session:
-            grant = await tenant_grant(session, peer, command.tenant)
-            # Asked even without a grant, so an ungranted tenant and a missing workspace
-            # cost the same work: the answer's timing tells nothing either.
-            exists = workspace is None or await workspace_exists(session, command.tenant,
-                                                                 workspace)
+        grant = await self._view.lookup(("grant", peer, command.tenant),
+                                        lambda: self._grant(peer, command.tenant))
+        # Asked even without a grant, so an ungranted tenant and a missing workspace
+        # cost the same work: the answer's timing tells nothing either.
+        exists = workspace is None or await self._view.lookup(
+            ("workspace", command.tenant, workspace),
+            lambda: self._workspace_exists(command.tenant, workspace))
         if grant is None or (not exists and action is not Action.MANAGE):
             raise hidden()
         if action is Action.MANAGE:
@@ -161,6 +165,14 @@ class SpokeCommands:
         scope = Scope(tenant=command.tenant, workspace=workspace, principal=principal,
                       allowed_workspaces=grant.workspaces, peer=peer, role_note=note)
         return scope, target
+
+    async def _grant(self, peer: str, tenant: str) -> TenantGrant | None:
+        async with self._sessions() as session:
+            return await tenant_grant(session, peer, tenant)
+
+    async def _workspace_exists(self, tenant: str, workspace: str) -> bool:
+        async with self._sessions() as session:
+            return await workspace_exists(session, tenant, workspace)
 
     async def _act(self, command: wire_pb2.Command, target: _Target,
                    message_id: str) -> wire_pb2.Response:

@@ -25,6 +25,7 @@ from shared.peers import DbKeyring
 from shared.replay import MessageMemory
 from shared.rotation import KeyAnnouncer
 from shared.rpc import Listen, refuse_plaintext_off_loopback, start_server
+from shared.security_view import SecurityView
 from spoke.commands import SpokeCommands
 from spoke.reporter import StatusReporter
 from spoke.service import SpokeService
@@ -45,10 +46,13 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
     certs = await peer_certs(cfg, sessions, insecure)
     trail = AuditTrail(sessions)
     memory = MessageMemory(sessions, trail.write_lock)
-    commands = SpokeCommands(cfg, sessions, trail, metrics)
-    inbox = EnvelopeInbox(identity, DbKeyring(sessions), memory, trail, metrics,
+    # One view of keys, grants and workspaces for everything this daemon checks.
+    view = SecurityView(sessions)
+    keyring = DbKeyring(sessions, view=view)
+    commands = SpokeCommands(cfg, sessions, trail, metrics, view)
+    inbox = EnvelopeInbox(identity, keyring, memory, trail, metrics,
                           skew_ms=cfg.wire.max_clock_skew_seconds * 1000,
-                          mutual_tls=certs is not None)
+                          mutual_tls=certs is not None, view=view)
     service = SpokeService(inbox, commands, trail)
     metrics.read_gauges(lambda: _gauges(sessions))
     try:
@@ -67,10 +71,10 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         await metrics.close()
         raise
     announce("spoke", cfg, listen.rpartition(":")[0], port, metrics=metrics_at)
-    reporter = StatusReporter(cfg, identity, DbKeyring(sessions), sessions, trail, certs,
+    reporter = StatusReporter(cfg, identity, keyring, sessions, trail, certs,
                               advertise=advertised(listen, port, advertise))
     reporting = asyncio.create_task(reporter.run(), name="status-reporter")
-    announcer = KeyAnnouncer(cfg, identity, DbKeyring(sessions), sessions, trail,
+    announcer = KeyAnnouncer(cfg, identity, keyring, sessions, trail,
                              reporter.channels, wire_pb2_grpc.HubPeerServiceStub)
     announcing = asyncio.create_task(announcer.run(), name="key-announcer")
     draining = asyncio.create_task(commands.watch_drain(), name="drain-watch")

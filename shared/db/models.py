@@ -234,3 +234,15 @@ class KeyAnnouncement(Base):
                                                         ondelete="CASCADE"))
     peer: Mapped[str] = mapped_column(String(64))
     acked_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class SecurityEpoch(Base):
+    """One row whose value database triggers raise in every transaction that changes
+    what a message is checked against (peers' names, states and TLS certificates, peer
+    keys, tenants, workspaces, grants, operator tokens), whoever writes it. A daemon
+    keeps what it read of those tables while this value stands (shared/security_view.py).
+    """
+
+    __tablename__ = "security_epoch"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    value: Mapped[int] = mapped_column(BigInteger)

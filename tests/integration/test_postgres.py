@@ -189,7 +189,7 @@ def test_two_hubs_starting_at_once_on_a_new_database_both_migrate_it(
         assert all(d.proc.poll() is None for d in daemons)
         migrated = fleetwire("migrate", "--home", str(home))
         assert migrated.returncode == 0, migrated.stderr
-        assert "at schema 0005" in migrated.stdout
+        assert "at schema 0006" in migrated.stdout
         for daemon in daemons:
             assert daemon.stop() == 0
     finally:
