@@ -117,6 +117,8 @@ async def run_hub(cfg: Config, listen: str, peer_listen: str, *, insecure: bool 
             refreshing.cancel()
         await dispatcher.close()
         await metrics.close()
+        await registry.close()
+        view.close()
         await engine.dispose()
 
     await serve_until_stopped(server, memory, cfg, on_stop)

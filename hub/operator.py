@@ -134,7 +134,15 @@ class HubOperator:
         command.get.agent_id = agent_id
         response = await self._dispatch.send(known.spoke, self._reachable(known.spoke, peer),
                                              command)
-        return await self._seen(known.spoke, response.agent)
+        answer = response.agent
+        if (answer.agent_id == known.agent_id and known.snapshot is not None
+                and answer.seq <= known.report_seq and answer.tenant == known.tenant):
+            # Nothing newer than the registry holds (most live answers): only the time
+            # it was heard from changes, and that is written in the background.
+            self.registry.heard(known.spoke, answer)
+            answer.spoke = known.spoke
+            return answer
+        return await self._seen(known.spoke, answer)
 
     async def kill(self, agent_id: str, grace_ms: int | None,
                    reason: str = "") -> wire_pb2.Agent:

@@ -7,9 +7,10 @@ the agent's seq so nothing ever moves an agent backwards.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
-from sqlalchemy import and_, bindparam, func, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.events import AgentEvents
@@ -71,10 +72,63 @@ _AGENT_AND_SPOKE = (
            models.HubAgent.tenant == bindparam("b_tenant")))
 
 
+# "Heard from now" stamps of live answers that brought nothing new, written together.
+_STAMP = (
+    update(models.HubAgent)
+    .where(models.HubAgent.agent_id == bindparam("b_agent"),
+           models.HubAgent.spoke == bindparam("b_spoke"),
+           models.HubAgent.tenant == bindparam("b_tenant"),
+           or_(models.HubAgent.reported_at_ms.is_(None),
+               models.HubAgent.reported_at_ms < bindparam("b_now")))
+    .values(reported_at_ms=bindparam("b_now")))
+# How long such a stamp may wait for others to be written with.
+STAMP_DELAY_SECONDS = 0.2
+
+
 class HubRegistry:
     def __init__(self, trail: AuditTrail, events: AgentEvents) -> None:
         self._trail = trail
         self.events = events
+        # agent_id -> (spoke, tenant, heard at), waiting to be written.
+        self._stamps: dict[str, tuple[str, str, int]] = {}
+        self._writing: asyncio.Task[None] | None = None
+
+    def heard(self, spoke: str, agent: wire_pb2.Agent) -> None:
+        """Note that spoke answered about agent with nothing newer than the registry
+        holds: only the time it was last heard from changes. Written within
+        STAMP_DELAY_SECONDS, with every other stamp of that time, in one transaction
+        (a live status then writes nothing while its caller waits)."""
+        self._stamps[agent.agent_id] = (spoke, agent.tenant, now_ms())
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.create_task(self._write_stamps_soon(),
+                                                name="registry-stamps")
+
+    async def _write_stamps_soon(self) -> None:
+        await asyncio.sleep(STAMP_DELAY_SECONDS)
+        await self.write_stamps()
+
+    async def close(self) -> None:
+        """Write what waits, at shutdown."""
+        if self._writing is not None and not self._writing.done():
+            self._writing.cancel()
+            await asyncio.gather(self._writing, return_exceptions=True)
+        await self.write_stamps()
+
+    async def write_stamps(self) -> None:
+        """Write the waiting stamps now (also at shutdown). A stamp never moves a time
+        back, and touches only the row of that agent on that spoke in that tenant."""
+        stamps, self._stamps = self._stamps, {}
+        if not stamps:
+            return
+        try:
+            async with self._trail.transaction() as session:
+                conn = await session.connection()
+                await conn.execute(_STAMP, [
+                    {"b_agent": agent_id, "b_spoke": spoke, "b_tenant": tenant, "b_now": at}
+                    for agent_id, (spoke, tenant, at) in stamps.items()])
+        except Exception:
+            # Only the last-heard times are lost; the next answer stamps them again.
+            log.exception("writing %d last-heard stamps failed", len(stamps))
 
     async def find_with_spoke(self, agent_id: str
                               ) -> tuple[models.HubAgent, models.Peer | None] | None:

@@ -93,6 +93,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         commands.supervisor.detach()
         commands.cgroups.close()
         await metrics.close()
+        view.close()
         await engine.dispose()
 
     await serve_until_stopped(server, memory, cfg, on_stop)

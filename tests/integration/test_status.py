@@ -112,6 +112,30 @@ async def test_reports_are_applied_once_and_in_order(fed: Federation) -> None:
             await hub.kill(a.agent_id, grace_ms=2000)
 
 
+async def test_a_live_answer_with_nothing_new_stamps_the_registry_afterwards(
+        fed: Federation) -> None:
+    """The last-heard time of a live answer that brings nothing newer is written in the
+    background (with others of its moment), never lost, never moved back."""
+    async with client(fed) as hub:
+        agent = await hub.spawn(spoke="spoke-a", workspace="lab", template="sleeper",
+                                task="", params={})
+
+        async def running() -> bool:
+            return await registry_state(hub, agent.agent_id) == "RUNNING"
+
+        await eventually(running, what="RUNNING to be reported")
+        before = (await hub.status(agent.agent_id)).reported_at_ms
+        live = await hub.status(agent.agent_id, live=True)
+        assert state(live) == "RUNNING" and live.spoke == "spoke-a"
+        assert live.seq == (await hub.status(agent.agent_id)).seq
+
+        async def stamped() -> bool:
+            return (await hub.status(agent.agent_id)).reported_at_ms > before
+
+        await eventually(stamped, what="the live answer's time in the registry")
+        await hub.kill(agent.agent_id, grace_ms=2000)
+
+
 async def _seq_at_least(hub: HubClient, agent_id: str, seq: int) -> bool:
     return (await hub.status(agent_id)).seq >= seq
 
