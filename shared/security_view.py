@@ -60,7 +60,7 @@ class SecurityView:
         self._here = _reader_for(self._engine)
         self._entries: dict[Hashable, Any] = {}
         # How many times the number was read, and how many lookups were answered from
-        # what was kept (for tests and metrics).
+        # what was kept (what the tests look at).
         self.epoch_reads = 0
         self.hits = 0
 
