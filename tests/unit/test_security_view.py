@@ -189,7 +189,8 @@ async def test_what_is_kept_stays_bounded(sessions: async_sessionmaker[AsyncSess
     assert len(view._entries) <= 5
 
 
-async def test_a_key_added_after_it_was_looked_up_unknown_is_found(sessions: async_sessionmaker[AsyncSession]) -> None:
+async def test_a_key_added_after_it_was_looked_up_unknown_is_found(
+        sessions: async_sessionmaker[AsyncSession]) -> None:
     """An unknown key id is kept as unknown only until the key is added."""
     signer = Identity(name="hub-2", private_key=Ed25519PrivateKey.generate())
     view = SecurityView(sessions)
