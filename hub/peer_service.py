@@ -2,7 +2,9 @@
 
 The shared inbox applies the wire rules and replay memory; here a report is applied to
 the registry by (spoke, agent, seq) and a heartbeat stamps the spoke alive. The signed
-Ack that goes back is what lets the spoke delete its outbox entries.
+Ack that goes back is what lets the spoke delete its outbox entries. A report or
+heartbeat is applied in the transaction that records its message id and answer: one
+transaction per message.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from shared.rotation import take_announcement
 log = logging.getLogger(__name__)
 
 _ACCEPTS = frozenset({"report", "heartbeat", "key_announcement"})
+# Quick changes, made in the transaction that records the message id and answer.
+_IN_ONE_TRANSACTION = frozenset({"report", "heartbeat"})
+
+
+def _in_one_transaction(envelope: wire_pb2.Envelope) -> bool:
+    return envelope.WhichOneof("body") in _IN_ONE_TRANSACTION
 
 
 class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
@@ -39,24 +47,27 @@ class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
     ) -> wire_pb2.SignedEnvelope:
         return await self._inbox.deliver(
             request, context, accepts=_ACCEPTS, answer=self._answer,
+            in_one_transaction=_in_one_transaction,
             refusal="the hub's peer API takes only status reports, heartbeats and key "
                     "announcements")
 
-    async def _answer(self, opened: OpenedEnvelope) -> wire_pb2.Response:
+    async def _answer(self, opened: OpenedEnvelope,
+                      session: AsyncSession | None) -> wire_pb2.Response:
         env = opened.envelope
-        if env.WhichOneof("body") == "key_announcement":
+        if session is None:
+            # A key announcement, in a transaction of its own.
             return await take_announcement(self._trail, opened)
         if env.WhichOneof("body") == "report":
-            changed = await self._registry.apply_report(env.sender, list(env.report.updates))
+            changed = await self._registry.apply_report(session, env.sender,
+                                                        list(env.report.updates))
             log.debug("report from %s: %d of %d updates applied", env.sender, changed,
                       len(env.report.updates))
         # Any verified message shows the spoke is alive, not only a heartbeat: a report
         # that arrives first after a restart must not leave the spoke OFFLINE.
-        async with self._trail.transaction() as session:
-            await session.execute(update(models.Peer).where(
-                models.Peer.name == env.sender).values(last_heartbeat_ms=now_ms()))
-            if env.WhichOneof("body") == "heartbeat" and env.heartbeat.address:
-                await self._follow_address(session, env.sender, env.heartbeat.address)
+        await session.execute(update(models.Peer).where(
+            models.Peer.name == env.sender).values(last_heartbeat_ms=now_ms()))
+        if env.WhichOneof("body") == "heartbeat" and env.heartbeat.address:
+            await self._follow_address(session, env.sender, env.heartbeat.address)
         return wire_pb2.Response(ack=wire_pb2.Ack())
 
     async def _follow_address(self, session: AsyncSession, spoke: str, address: str) -> None:

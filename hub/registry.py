@@ -14,7 +14,7 @@ from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.events import AgentEvents
-from shared.audit import AuditEntry, AuditTrail, append_audit
+from shared.audit import AuditEntry, AuditTrail, after_commit, append_audit
 from shared.db import models
 from shared.envelope import now_ms
 from shared.pb.v1 import wire_pb2
@@ -191,17 +191,18 @@ class HubRegistry:
                 await append_audit(session, audit)
         self._publish([applied])
 
-    async def apply_report(self, spoke: str, updates: list[wire_pb2.AgentUpdate]) -> int:
-        """Apply a spoke's status report; returns how many updates changed something.
-        Only agents this hub spawned on that spoke, in their recorded tenant, count."""
+    async def apply_report(self, session: AsyncSession, spoke: str,
+                           updates: list[wire_pb2.AgentUpdate]) -> int:
+        """Apply a spoke's status report in session (an AuditTrail transaction); returns
+        how many updates changed something. Only agents this hub spawned on that spoke,
+        in their recorded tenant, count. Watchers hear of the changes once committed."""
         applied = []
-        async with self._trail.transaction() as session:
-            for update in updates:
-                agent = wire_pb2.Agent()
-                agent.CopyFrom(update.agent)
-                agent.seq = update.seq
-                applied.append(await self._apply(session, spoke, agent, adopt_unknown=False))
-        self._publish(applied)
+        for change in updates:
+            agent = wire_pb2.Agent()
+            agent.CopyFrom(change.agent)
+            agent.seq = change.seq
+            applied.append(await self._apply(session, spoke, agent, adopt_unknown=False))
+        after_commit(session, lambda: self._publish(applied))
         return sum(a is not None for a in applied)
 
     def _publish(self, applied: list[wire_pb2.Agent | None]) -> None:

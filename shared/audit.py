@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 
@@ -26,6 +26,15 @@ from shared.envelope import now_ms
 GENESIS = "0" * 64
 ALLOWED = "allowed"
 REFUSED = "refused"
+# session.info key: what to run once the session's AuditTrail transaction committed.
+_AFTER_COMMIT = "fleetwire.after_commit"
+
+
+def after_commit(session: AsyncSession, action: Callable[[], None]) -> None:
+    """Run action once the AuditTrail transaction session belongs to has committed
+    (never if it rolls back): telling watchers of a change that might not persist would
+    tell them something false."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
 
 
 @dataclass(frozen=True)
@@ -106,9 +115,12 @@ class AuditTrail:
         that transactions of two processes sharing the database always lock in the same
         order and never deadlock; they are serialised, as SQLite's are.
         """
-        async with self._lock, self._sessions() as session, session.begin():
-            await lock_for_transaction(session, AUDIT_CHAIN_LOCK)
-            yield session
+        async with self._lock, self._sessions() as session:
+            async with session.begin():
+                await lock_for_transaction(session, AUDIT_CHAIN_LOCK)
+                yield session
+            for action in session.info.pop(_AFTER_COMMIT, ()):
+                action()
 
     async def record(self, entry: AuditEntry) -> None:
         """Append entry in a transaction of its own (refusals change nothing else)."""

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 
 import grpc
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import REFUSED, AuditEntry, AuditTrail
 from shared.envelope import Keyring, OpenedEnvelope, open_envelope, seal_envelope
@@ -32,7 +33,14 @@ from shared.tls import fingerprint
 
 log = logging.getLogger(__name__)
 
-Answer = Callable[[OpenedEnvelope], Awaitable[wire_pb2.Response]]
+# The answer to an accepted message. Its session is the transaction that also records
+# the message id and the answer, for bodies the servicer applies in one transaction
+# (quick changes, such as a status report); None for the others.
+Answer = Callable[[OpenedEnvelope, AsyncSession | None], Awaitable[wire_pb2.Response]]
+
+
+def _never(_: wire_pb2.Envelope) -> bool:
+    return False
 
 
 class EnvelopeInbox:
@@ -57,18 +65,26 @@ class EnvelopeInbox:
     async def deliver(self, request: wire_pb2.SignedEnvelope,
                       context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
                       refusal: str, answer: Answer,
-                      reads_only: Callable[[wire_pb2.Envelope], bool] = lambda _: False,
+                      reads_only: Callable[[wire_pb2.Envelope], bool] = _never,
+                      in_one_transaction: Callable[[wire_pb2.Envelope], bool] = _never,
                       ) -> wire_pb2.SignedEnvelope:
-        """The signed answer to one envelope; refusals end the RPC with their status."""
+        """The signed answer to one envelope; refusals end the RPC with their status.
+
+        reads_only(envelope): the answer changes nothing, so the message id is recorded
+        after it, with it. in_one_transaction(envelope): the answer is given the
+        transaction that records the id and the answer, and makes its changes there.
+        """
         async with self._view.checked() if self._view is not None else nullcontext():
             sealed = await self._deliver(request, context, accepts=accepts, refusal=refusal,
-                                         answer=answer, reads_only=reads_only)
+                                         answer=answer, reads_only=reads_only,
+                                         in_one_transaction=in_one_transaction)
         return wire_pb2.SignedEnvelope.FromString(sealed)
 
     async def _deliver(self, request: wire_pb2.SignedEnvelope,
                        context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
                        refusal: str, answer: Answer,
-                       reads_only: Callable[[wire_pb2.Envelope], bool]) -> bytes:
+                       reads_only: Callable[[wire_pb2.Envelope], bool],
+                       in_one_transaction: Callable[[wire_pb2.Envelope], bool]) -> bytes:
         # Which step a refusal came from, for the rejection metric.
         step = "malformed"
         try:
@@ -84,9 +100,14 @@ class EnvelopeInbox:
             # way: a spawn cut off after its record but before its process would be
             # found by the retry and taken as done. The work runs to its end apart from
             # the RPC, and its stored answer is what the retry gets.
-            work = asyncio.ensure_future(
-                self._memory.once(opened, lambda: self._sealed(opened, answer),
-                                  reads_only=reads_only(opened.envelope)))
+            if in_one_transaction(opened.envelope):
+                handling = self._memory.once_within(
+                    opened, lambda session: self._sealed(opened, answer, session),
+                    self._trail.transaction)
+            else:
+                handling = self._memory.once(opened, lambda: self._sealed(opened, answer),
+                                             reads_only=reads_only(opened.envelope))
+            work = asyncio.ensure_future(handling)
             self._carrying.add(work)
             work.add_done_callback(_settle)
             work.add_done_callback(self._carrying.discard)
@@ -100,9 +121,10 @@ class EnvelopeInbox:
             await abort(context, err)
         return sealed
 
-    async def _sealed(self, opened: OpenedEnvelope, answer: Answer) -> bytes:
+    async def _sealed(self, opened: OpenedEnvelope, answer: Answer,
+                      session: AsyncSession | None = None) -> bytes:
         env = opened.envelope
-        response = await answer(opened)
+        response = await answer(opened, session)
         return seal_envelope(self._identity, recipient=env.sender, response=response,
                              in_reply_to=env.message_id).SerializeToString()
 

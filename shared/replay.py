@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
 
 from sqlalchemy import Table, delete, update
@@ -17,6 +18,7 @@ from shared.db import models
 from shared.db.engine import is_postgres
 from shared.envelope import OpenedEnvelope, now_ms
 from shared.errors import Unauthenticated, Unavailable
+from shared.pb.v1 import wire_pb2
 
 # A claim older than this, by a process that never answered, is taken over (that
 # process stopped mid-way). Longer than any handler runs: a kill waits at most the
@@ -67,37 +69,64 @@ class MessageMemory:
         before the id is recorded, and the id and answer are written together.
         """
         env = opened.envelope
-        key = (env.sender, env.message_id)
         digest = hashlib.sha256(opened.raw).hexdigest()
+        async with self._alone(env):
+            if reads_only:
+                return await self._answer_read(env.sender, env.message_id, digest, handle)
+            stored = await self._claim(env.sender, env.message_id, digest)
+            if stored is not None:
+                return stored
+            try:
+                answer = await handle()
+            except BaseException:
+                # Nothing was answered: free the id so a retry is handled afresh.
+                async with self._write_lock, self._sessions() as session, session.begin():
+                    await session.execute(
+                        delete(models.SeenMessage)
+                        .where(*self._mine(env.sender, env.message_id)))
+                raise
+            async with self._write_lock, self._sessions() as session, session.begin():
+                await session.execute(
+                    update(models.SeenMessage)
+                    .where(*self._mine(env.sender, env.message_id))
+                    .values(response=answer, claimed_by=None))
+            return answer
+
+    @asynccontextmanager
+    async def _alone(self, env: wire_pb2.Envelope) -> AsyncIterator[None]:
+        """Held while this process handles a message id: a concurrent duplicate waits,
+        then finds the stored answer."""
+        key = (env.sender, env.message_id)
         lock, users = self._inflight.setdefault(key, (asyncio.Lock(), [0]))
         users[0] += 1
         try:
             async with lock:
-                if reads_only:
-                    return await self._answer_read(env.sender, env.message_id, digest,
-                                                   handle)
-                stored = await self._claim(env.sender, env.message_id, digest)
-                if stored is not None:
-                    return stored
-                try:
-                    answer = await handle()
-                except BaseException:
-                    # Nothing was answered: free the id so a retry is handled afresh.
-                    async with self._write_lock, self._sessions() as session, session.begin():
-                        await session.execute(
-                            delete(models.SeenMessage)
-                            .where(*self._mine(env.sender, env.message_id)))
-                    raise
-                async with self._write_lock, self._sessions() as session, session.begin():
-                    await session.execute(
-                        update(models.SeenMessage)
-                        .where(*self._mine(env.sender, env.message_id))
-                        .values(response=answer, claimed_by=None))
-                return answer
+                yield
         finally:
             users[0] -= 1
             if users[0] == 0:
                 del self._inflight[key]
+
+    async def once_within(
+        self, opened: OpenedEnvelope, handle: Callable[[AsyncSession], Awaitable[bytes]],
+        transaction: Callable[[], AbstractAsyncContextManager[AsyncSession]],
+    ) -> bytes:
+        """once(), with handle() run inside the transaction that claims the id and
+        stores the answer: the id, what handle() changed and the answer are committed
+        together or not at all (one transaction instead of three). For quick handlers
+        only (a status report): the daemon's write lock is held throughout."""
+        env = opened.envelope
+        digest = hashlib.sha256(opened.raw).hexdigest()
+        async with self._alone(env), transaction() as session:
+            stored = await self._claim_in(session, env.sender, env.message_id, digest)
+            if stored is not None:
+                return stored
+            answer = await handle(session)
+            await session.execute(
+                update(models.SeenMessage)
+                .where(*self._mine(env.sender, env.message_id))
+                .values(response=answer, claimed_by=None))
+            return answer
 
     async def _answer_read(self, sender: str, message_id: str, digest: str,
                            handle: Callable[[], Awaitable[bytes]]) -> bytes:
@@ -126,45 +155,51 @@ class MessageMemory:
         return (m.sender == sender, m.message_id == message_id, m.claimed_by == self.owner)
 
     async def _claim(self, sender: str, message_id: str, digest: str) -> bytes | None:
-        """Claim the id for this process (None: go on and handle it), or return the
-        stored answer; refuse a replay, or a duplicate another process is handling."""
+        """Claim the id for this process in a transaction of its own (None: go on and
+        handle it), or return the stored answer; refuse a replay, or a duplicate another
+        process is handling."""
+        async with self._write_lock, self._sessions() as session, session.begin():
+            return await self._claim_in(session, sender, message_id, digest)
+
+    async def _claim_in(self, session: AsyncSession, sender: str, message_id: str,
+                        digest: str) -> bytes | None:
+        """_claim, in the caller's transaction."""
         m = models.SeenMessage
         now = now_ms()
-        async with self._write_lock, self._sessions() as session, session.begin():
-            if await _insert_new(session, sender=sender, message_id=message_id,
-                                 envelope_sha256=digest, response=None,
-                                 received_at_ms=now, claimed_by=self.owner):
-                return None
-            seen = await session.get(m, (sender, message_id))
-            if seen is None:
-                raise Unavailable(f"message {message_id} was claimed and freed "
-                                  "concurrently; retry shortly")
-            if seen.envelope_sha256 != digest:
-                raise Unauthenticated(
-                    f"envelope rejected: message_id '{message_id}' was already used with "
-                    "other content (replay)")
-            if seen.response is not None:
-                return seen.response
-            # Claimed but not answered. In this process nobody holds it (the lock above),
-            # so a claim of ours or one without an owner was left by a stop mid-way; on
-            # SQLite, whose database belongs to one daemon, so was any other. Handlers are
-            # idempotent per message (a spawn by its agent id): handle it again.
-            abandoned = (seen.claimed_by in (None, self.owner)
-                         or not is_postgres(session)
-                         or now - seen.received_at_ms > self._takeover_after_ms)
-            if not abandoned:
-                raise Unavailable(f"message {message_id} is being handled by another "
-                                  "process sharing this instance's database; retry shortly")
-            taken = await session.execute(
-                update(m).where(m.sender == sender, m.message_id == message_id,
-                                m.response.is_(None),
-                                m.claimed_by.is_(None) if seen.claimed_by is None
-                                else m.claimed_by == seen.claimed_by)
-                .values(claimed_by=self.owner, received_at_ms=now))
-            if getattr(taken, "rowcount", 0) != 1:
-                raise Unavailable(f"message {message_id} was taken over concurrently; "
-                                  "retry shortly")
+        if await _insert_new(session, sender=sender, message_id=message_id,
+                             envelope_sha256=digest, response=None,
+                             received_at_ms=now, claimed_by=self.owner):
             return None
+        seen = await session.get(m, (sender, message_id))
+        if seen is None:
+            raise Unavailable(f"message {message_id} was claimed and freed "
+                              "concurrently; retry shortly")
+        if seen.envelope_sha256 != digest:
+            raise Unauthenticated(
+                f"envelope rejected: message_id '{message_id}' was already used with "
+                "other content (replay)")
+        if seen.response is not None:
+            return seen.response
+        # Claimed but not answered. In this process nobody holds it (the lock above),
+        # so a claim of ours or one without an owner was left by a stop mid-way; on
+        # SQLite, whose database belongs to one daemon, so was any other. Handlers are
+        # idempotent per message (a spawn by its agent id): handle it again.
+        abandoned = (seen.claimed_by in (None, self.owner)
+                     or not is_postgres(session)
+                     or now - seen.received_at_ms > self._takeover_after_ms)
+        if not abandoned:
+            raise Unavailable(f"message {message_id} is being handled by another "
+                              "process sharing this instance's database; retry shortly")
+        taken = await session.execute(
+            update(m).where(m.sender == sender, m.message_id == message_id,
+                            m.response.is_(None),
+                            m.claimed_by.is_(None) if seen.claimed_by is None
+                            else m.claimed_by == seen.claimed_by)
+            .values(claimed_by=self.owner, received_at_ms=now))
+        if getattr(taken, "rowcount", 0) != 1:
+            raise Unavailable(f"message {message_id} was taken over concurrently; "
+                              "retry shortly")
+        return None
 
     async def forget_older_than(self, cutoff_ms: int) -> int:
         """Drop ids received before cutoff_ms (only ever past the skew window)."""

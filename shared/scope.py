@@ -87,6 +87,10 @@ class Scope:
     # Set when the principal's role was lowered to what the sender's grant allows.
     role_note: str = ""
 
+    def sees(self, tenant: str, workspace: str) -> bool:
+        """Whether something in tenant and workspace is within this scope."""
+        return tenant == self.tenant and self.sees_workspace(workspace)
+
     def sees_workspace(self, workspace: str) -> bool:
         if self.workspace is not None and workspace != self.workspace:
             return False

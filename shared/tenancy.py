@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -47,15 +49,25 @@ async def create_workspace(session: AsyncSession, tenant: str, slug: str,
 
 
 # Asked on every command a spoke takes; built once.
-_WORKSPACE = (select(models.Workspace.id)
+_WORKSPACE = (select(models.Workspace.max_agents)
               .join(models.Tenant, models.Tenant.id == models.Workspace.tenant_id)
               .where(models.Tenant.slug == bindparam("b_tenant"),
                      models.Workspace.slug == bindparam("b_slug")))
 
 
-async def workspace_exists(session: AsyncSession, tenant: str, slug: str) -> bool:
+@dataclass(frozen=True)
+class FoundWorkspace:
+    max_agents: int | None  # its quota of live agents (None: no quota)
+
+
+async def find_workspace(session: AsyncSession, tenant: str, slug: str
+                         ) -> FoundWorkspace | None:
     row = (await session.execute(_WORKSPACE, {"b_tenant": tenant, "b_slug": slug})).first()
-    return row is not None
+    return None if row is None else FoundWorkspace(max_agents=row[0])
+
+
+async def workspace_exists(session: AsyncSession, tenant: str, slug: str) -> bool:
+    return await find_workspace(session, tenant, slug) is not None
 
 
 async def list_tenants(session: AsyncSession) -> list[tuple[str, list[str]]]:

@@ -46,14 +46,14 @@ from shared.scope import (
     use_scope,
 )
 from shared.security_view import SecurityView
-from shared.tenancy import create_workspace, workspace_exists
+from shared.tenancy import FoundWorkspace, create_workspace, find_workspace
 from spoke import procfs
 from spoke.drain import WATCH_SECONDS as DRAIN_WATCH_SECONDS
 from spoke.drain import drain_reason
 from spoke.grants import TenantGrant, tenant_grant
 from spoke.limits import AgentCgroups, CgroupSupport, Limits
 from spoke.logs import read_tail
-from spoke.store import FINAL_STATES, AgentLedger, ScopedAgents, to_wire
+from spoke.store import FINAL_STATES, AgentLedger, Quotas, ScopedAgents, to_wire
 from spoke.supervisor import AgentSupervisor, Ending, Launched, LaunchSpec
 from spoke.templates import MAX_TASK_CHARS, check_text, describe_templates, render_argv
 
@@ -72,6 +72,9 @@ class _Target:
     which: str  # the command's action field
     action: Action
     agent_id: str  # empty for spawn, list and create_workspace
+    # The command's workspace as found (None: the command names none, or it does not
+    # exist yet: a create_workspace).
+    workspace: FoundWorkspace | None
 
 
 class SpokeCommands:
@@ -119,7 +122,6 @@ class SpokeCommands:
             raise InvalidArgument("command names no action")
         action = _ACTIONS[which]
         agent_id = getattr(command, which).agent_id if which in _ON_AGENT else ""
-        target = _Target(which, action, agent_id)
 
         def hidden() -> NotFound:
             if agent_id:
@@ -137,19 +139,20 @@ class SpokeCommands:
                                         lambda: self._grant(peer, command.tenant))
         # Asked even without a grant, so an ungranted tenant and a missing workspace
         # cost the same work: the answer's timing tells nothing either.
-        exists = workspace is None or await self._view.lookup(
+        found = None if workspace is None else await self._view.lookup(
             ("workspace", command.tenant, workspace),
-            lambda: self._workspace_exists(command.tenant, workspace))
-        if grant is None or (not exists and action is not Action.MANAGE):
+            lambda: self._find_workspace(command.tenant, workspace))
+        if grant is None or (workspace is not None and found is None
+                             and action is not Action.MANAGE):
             raise hidden()
         if action is Action.MANAGE:
             # Making workspaces is for a hub trusted with the whole tenant.
             limit = grant.roles.get(ALL_WORKSPACES, Role.VIEWER)
         elif workspace is not None:
-            found = grant.max_role_in(workspace)
-            if found is None:
+            granted = grant.max_role_in(workspace)
+            if granted is None:
                 raise hidden()
-            limit = found
+            limit = granted
         else:
             limit = max(grant.roles.values())
         asserted = Role.from_wire(command.principal.role)
@@ -164,20 +167,22 @@ class SpokeCommands:
         require_role(principal, action, note=note)
         scope = Scope(tenant=command.tenant, workspace=workspace, principal=principal,
                       allowed_workspaces=grant.workspaces, peer=peer, role_note=note)
-        return scope, target
+        return scope, _Target(which, action, agent_id, found)
 
     async def _grant(self, peer: str, tenant: str) -> TenantGrant | None:
         async with self._sessions() as session:
             return await tenant_grant(session, peer, tenant)
 
-    async def _workspace_exists(self, tenant: str, workspace: str) -> bool:
+    async def _find_workspace(self, tenant: str, workspace: str) -> FoundWorkspace | None:
         async with self._sessions() as session:
-            return await workspace_exists(session, tenant, workspace)
+            return await find_workspace(session, tenant, workspace)
 
     async def _act(self, command: wire_pb2.Command, target: _Target,
                    message_id: str) -> wire_pb2.Response:
         if target.action is Action.SPAWN:
-            return wire_pb2.Response(agent=await self._spawn(command.spawn, message_id))
+            assert target.workspace is not None
+            return wire_pb2.Response(agent=await self._spawn(command.spawn, message_id,
+                                                             target.workspace))
         if target.action is Action.LIST:
             agents = await self.agents.visible()
             return wire_pb2.Response(agents=wire_pb2.AgentList(agents=[to_wire(a) for a in agents]))
@@ -195,7 +200,8 @@ class SpokeCommands:
             return wire_pb2.Response(agent=to_wire(agent))
         return wire_pb2.Response(agent=await self._kill(agent, command.kill, message_id))
 
-    async def _spawn(self, req: wire_pb2.SpawnAgent, message_id: str) -> wire_pb2.Agent:
+    async def _spawn(self, req: wire_pb2.SpawnAgent, message_id: str,
+                     workspace: FoundWorkspace) -> wire_pb2.Agent:
         scope = current_scope()
         draining = drain_reason(self._cfg)
         if draining is not None:
@@ -211,11 +217,11 @@ class SpokeCommands:
         if not AGENT_ID_RE.match(req.agent_id):
             raise InvalidArgument("agent_id must be 32 lowercase hex digits")
         check_text("task", req.task, MAX_TASK_CHARS)
-        existing = await self.agents.get(req.agent_id)
-        if existing is not None and existing.peer == scope.peer:
-            # The same spawn again (its first run was cut off by a restart): one agent.
-            return to_wire(existing)
-        if existing is not None or await self.agents.exists_anywhere(req.agent_id):
+        existing = await self.agents.find_anywhere(req.agent_id)
+        if existing is not None:
+            if scope.sees(existing.tenant, existing.workspace) and existing.peer == scope.peer:
+                # The same spawn again (its first run was cut off by a restart): one agent.
+                return to_wire(existing)
             raise InvalidArgument(f"agent id '{req.agent_id}' is already in use; use a new id")
         assert scope.workspace is not None
         base = self._cfg.workspaces_root / scope.tenant / scope.workspace
@@ -242,8 +248,9 @@ class SpokeCommands:
                 action="agent.spawn", outcome=ALLOWED, tenant=scope.tenant,
                 workspace=scope.workspace, principal=scope.principal.name, peer=scope.peer,
                 target=req.agent_id, message_id=message_id,
-                reason=f"template {template.name}"), template.max_concurrent or None,
-            self._cfg.spoke.max_agents or None)
+                reason=f"template {template.name}"), Quotas(
+                workspace=workspace.max_agents, template=template.max_concurrent or None,
+                spoke=self._cfg.spoke.max_agents or None))
         limits = Limits(**{f"{n}": effective_limit(template, self._cfg.spoke, n)
                            for n in LIMITS})
         groups = (AgentCgroups(self.cgroups, req.agent_id, limits)
@@ -257,16 +264,21 @@ class SpokeCommands:
         except OSError as exc:
             if groups is not None:
                 groups.remove()
-            await self.ledger.ended(req.agent_id, "FAILED", None,
-                                    f"could not start {argv[0]!r}: {exc.strerror or exc}")
+            now = await self.ledger.ended(req.agent_id, "FAILED", None,
+                                          f"could not start {argv[0]!r}: "
+                                          f"{exc.strerror or exc}")
         else:
             note = (f"running; limits enforced: {self.cgroups.describe()}"
                     if limits != Limits() else "running")
-            await self.ledger.started(req.agent_id, launched.pid, launched.start_time, note)
+            now = await self.ledger.started(req.agent_id, launched.pid, launched.start_time,
+                                            note)
             self.supervisor.watch(req.agent_id)
-        agent = await self.agents.get(req.agent_id)
-        assert agent is not None
-        return to_wire(agent)
+        if now is None:
+            # Ended meanwhile by someone else (a drain): answer what the record says.
+            agent = await self.agents.get(req.agent_id)
+            assert agent is not None
+            return to_wire(agent)
+        return now
 
     async def _create_workspace(self, command: wire_pb2.Command,
                                 message_id: str) -> wire_pb2.Workspace:

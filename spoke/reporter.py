@@ -2,10 +2,11 @@
 heartbeats.
 
 Each state change was queued in the outbox in the transaction that made it. The
-reporter sends a hub its entries oldest first, deletes them once the hub's signed Ack
-is verified, and retries with backoff until then; the hub applies each (agent, seq)
-once. Heartbeats tell the hub the spoke is alive; the first that gets through after a
-start or an outage is followed by a snapshot of every agent of that hub.
+reporter sends a hub its entries oldest first (of an agent's entries waiting together,
+the newest), deletes them once the hub's signed Ack is verified, and retries with
+backoff until then; the hub applies each (agent, seq) once. Heartbeats tell the hub
+the spoke is alive; the first that gets through after a start or an outage is followed
+by a snapshot of every agent of that hub.
 """
 
 from __future__ import annotations
@@ -97,9 +98,14 @@ class StatusReporter:
             by_hub.setdefault(entry.hub, []).append(entry)
         failed = []
         for hub, batch in by_hub.items():
+            # Each entry holds the agent's whole state: of an agent's entries only the
+            # newest is sent (a spawn of a quick program queues PENDING, RUNNING and its
+            # end; the hub would skip the older ones anyway, by seq), and all are
+            # deleted once the hub acknowledged it.
+            newest = {e.agent_id: e for e in batch}
             report = wire_pb2.StatusReport(updates=[
                 wire_pb2.AgentUpdate(agent=wire_pb2.Agent.FromString(e.payload), seq=e.seq)
-                for e in batch])
+                for e in newest.values()])
             try:
                 await self._send(hub, report=report)
             except HubUnreachable as exc:

@@ -8,6 +8,8 @@ change is written with its audit record in one transaction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -58,14 +60,25 @@ async def outbox_depth(session: AsyncSession) -> int:
         select(func.count()).select_from(models.OutboxEntry))).scalar_one())
 
 
-def enqueue_report(session: AsyncSession, agent: models.Agent) -> None:
+def enqueue_report(session: AsyncSession, agent: models.Agent) -> wire_pb2.Agent:
     """Queue the agent's new state for the hub that spawned it, in the change's
-    transaction: a change is never committed without its report, nor the reverse."""
+    transaction: a change is never committed without its report, nor the reverse.
+    Returns the state queued."""
     agent.report_seq = (agent.report_seq or 0) + 1
+    state = to_wire(agent)
     session.add(models.OutboxEntry(hub=agent.peer, agent_id=agent.agent_id,
-                                   seq=agent.report_seq,
-                                   payload=to_wire(agent).SerializeToString(),
+                                   seq=agent.report_seq, payload=state.SerializeToString(),
                                    created_at_ms=now_ms()))
+    return state
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """How many live agents a spawn may join (None: no quota at that level)."""
+
+    workspace: int | None = None
+    template: int | None = None  # in the workspace
+    spoke: int | None = None  # across tenants
 
 
 class ScopedAgents:
@@ -91,37 +104,31 @@ class ScopedAgents:
             return list((await session.execute(
                 self._visible().order_by(models.Agent.created_at_ms))).scalars())
 
-    async def exists_anywhere(self, agent_id: str) -> bool:
-        """Only to refuse a reused id; never to answer what exists."""
+    async def find_anywhere(self, agent_id: str) -> models.Agent | None:
+        """An agent by id in any scope: only to refuse a reused id, or to know a spawn
+        seen before; never to answer what exists."""
         async with self._trail.reader() as session:
-            return await session.get(models.Agent, agent_id) is not None
+            return await session.get(models.Agent, agent_id)
 
-    async def create(self, agent: models.Agent, entry: AuditEntry,
-                     template_limit: int | None, spoke_limit: int | None) -> None:
-        """Insert a PENDING agent unless its workspace or template is at its quota."""
-        scope = current_scope()
-        if agent.tenant != scope.tenant or not scope.sees_workspace(agent.workspace):
+    async def create(self, agent: models.Agent, entry: AuditEntry, quotas: Quotas) -> None:
+        """Insert a PENDING agent unless the spoke, its workspace or its template is at
+        its quota."""
+        if not current_scope().sees(agent.tenant, agent.workspace):
             raise RuntimeError("refusing to create an agent outside the active scope")
         async with self._trail.transaction() as session:
-            await _check_quota(session, agent, template_limit, spoke_limit)
+            await _check_quota(session, agent, quotas)
             session.add(agent)
             enqueue_report(session, agent)
             await append_audit(session, entry)
         self._trail.changed()
 
 
-async def _check_quota(session: AsyncSession, agent: models.Agent,
-                       template_limit: int | None, spoke_limit: int | None) -> None:
+async def _check_quota(session: AsyncSession, agent: models.Agent, quotas: Quotas) -> None:
     live = models.Agent.state.in_(sorted(LIVE_STATES))
     in_ws = (models.Agent.tenant == agent.tenant) & (models.Agent.workspace == agent.workspace)
-    ws_limit = (await session.execute(
-        select(models.Workspace.max_agents)
-        .join(models.Tenant, models.Tenant.id == models.Workspace.tenant_id)
-        .where(models.Tenant.slug == agent.tenant,
-               models.Workspace.slug == agent.workspace))).scalar_one_or_none()
-    checks = [(spoke_limit, models.Agent.agent_id.is_not(None), "this spoke"),
-              (ws_limit, in_ws, f"workspace '{agent.workspace}'"),
-              (template_limit, in_ws & (models.Agent.template == agent.template),
+    checks = [(quotas.spoke, models.Agent.agent_id.is_not(None), "this spoke"),
+              (quotas.workspace, in_ws, f"workspace '{agent.workspace}'"),
+              (quotas.template, in_ws & (models.Agent.template == agent.template),
                f"template '{agent.template}' in workspace '{agent.workspace}'")]
     for limit, where, what in checks:
         if limit is None:
@@ -141,16 +148,19 @@ class AgentLedger:
         self._trail = trail
 
     async def started(self, agent_id: str, pid: int, start_time: int,
-                      note: str = "running") -> None:
-        await self._move(agent_id, "agent.start", state="RUNNING", pid=pid,
-                         pid_start_time=start_time, started_at_ms=now_ms(), reason=note)
+                      note: str = "running") -> wire_pb2.Agent | None:
+        """Record that the agent runs; its new state (None if it was final already)."""
+        return await self._move(agent_id, "agent.start", state="RUNNING", pid=pid,
+                                pid_start_time=start_time, started_at_ms=now_ms(),
+                                reason=note)
 
     async def ended(self, agent_id: str, state: str, exit_code: int | None, reason: str,
-                    *, by: str = "", message_id: str = "") -> None:
-        """Record a final state; an agent already final keeps its first ending."""
-        await self._move(agent_id, _END_ACTIONS[state], by=by, message_id=message_id,
-                         state=state, exit_code=exit_code, reason=reason,
-                         ended_at_ms=now_ms())
+                    *, by: str = "", message_id: str = "") -> wire_pb2.Agent | None:
+        """Record a final state; an agent already final keeps its first ending (and
+        None is returned)."""
+        return await self._move(agent_id, _END_ACTIONS[state], by=by, message_id=message_id,
+                                state=state, exit_code=exit_code, reason=reason,
+                                ended_at_ms=now_ms())
 
     async def live(self) -> list[models.Agent]:
         async with self._trail.reader() as session:
@@ -159,22 +169,23 @@ class AgentLedger:
             )).scalars())
 
     async def _move(self, agent_id: str, action: str, *, by: str = "", message_id: str = "",
-                    **values: object) -> None:
-        """Change a live agent and audit it in one transaction; final agents stay as
-        they are."""
+                    **values: object) -> wire_pb2.Agent | None:
+        """Change a live agent and audit it in one transaction, returning its new state;
+        final agents stay as they are (None)."""
         async with self._trail.transaction() as session:
             agent = (await session.execute(
                 select(models.Agent).where(models.Agent.agent_id == agent_id,
                                            models.Agent.state.in_(sorted(LIVE_STATES)))
             )).scalar_one_or_none()
             if agent is None:
-                return
+                return None
             for key, value in values.items():
                 setattr(agent, key, value)
-            enqueue_report(session, agent)
+            state = enqueue_report(session, agent)
             await append_audit(session, AuditEntry(
                 action=action, outcome=ALLOWED, tenant=agent.tenant,
                 workspace=agent.workspace, principal=by, peer=agent.peer if by else "",
                 target=agent_id, message_id=message_id,
                 reason=f"{values['state']}: {values['reason']}"))
         self._trail.changed()
+        return state
