@@ -9,6 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select, update
 
+from shared.audit import AuditEntry, AuditTrail, after_commit, append_audit
 from shared.db import models
 from shared.db.engine import make_sessions
 from shared.envelope import (
@@ -349,3 +350,69 @@ async def test_a_failed_query_records_nothing(memory, sessions, hub, keyring) ->
                           reads_only=True)
     assert await row_count(sessions) == 0
     assert await memory.once(opened, CountingHandler(b"ok"), reads_only=True) == b"ok"
+
+
+# ---------------------------------------------------------------- once_within: one transaction
+
+
+async def test_once_within_commits_the_change_with_the_id_and_answer(sessions, hub,
+                                                                     keyring) -> None:
+    """The handler's own change, the id and the answer land in one transaction: a retry
+    gets the stored answer and the change is made once."""
+    trail = AuditTrail(sessions)
+    memory = MessageMemory(sessions, trail.write_lock)
+    signed = seal_envelope(hub, recipient=SPOKE, command=command(), message_id="r1")
+    first = await open_envelope(signed, keyring=keyring, me=SPOKE)
+    again = await open_envelope(wire_pb2.SignedEnvelope.FromString(
+        signed.SerializeToString()), keyring=keyring, me=SPOKE)
+    calls = []
+
+    async def record(session) -> bytes:
+        calls.append(1)
+        await append_audit(session, AuditEntry(action="test.change", outcome="allowed"))
+        return b"acked"
+
+    assert await memory.once_within(first, record, trail.transaction) == b"acked"
+    assert await memory.once_within(again, record, trail.transaction) == b"acked"
+    assert calls == [1]
+    async with sessions() as s:
+        row = await s.get(models.SeenMessage, ("hub-1", "r1"))
+        changes = (await s.execute(select(func.count()).select_from(models.AuditRecord)
+                                   .where(models.AuditRecord.action == "test.change"))
+                   ).scalar_one()
+    assert row is not None and row.response == b"acked" and row.claimed_by is None
+    assert changes == 1
+
+    forged = await sealed_and_opened(hub, keyring, message_id="r1", tenant="other")
+    with pytest.raises(Unauthenticated, match="replay"):
+        await memory.once_within(forged, record, trail.transaction)
+    assert calls == [1]
+
+
+async def test_once_within_a_failing_handler_leaves_neither_change_nor_id(sessions, hub,
+                                                                          keyring) -> None:
+    trail = AuditTrail(sessions)
+    memory = MessageMemory(sessions, trail.write_lock)
+    opened = await sealed_and_opened(hub, keyring, message_id="r2")
+    published = []
+
+    async def fail_after_change(session) -> bytes:
+        await append_audit(session, AuditEntry(action="test.change", outcome="allowed"))
+        after_commit(session, lambda: published.append("told"))
+        raise RuntimeError("registry broke")
+
+    with pytest.raises(RuntimeError, match="registry broke"):
+        await memory.once_within(opened, fail_after_change, trail.transaction)
+    assert await row_count(sessions) == 0
+    async with sessions() as s:
+        assert (await s.execute(select(func.count()).select_from(models.AuditRecord))
+                ).scalar_one() == 0
+    # Nothing committed, so nobody was told; the id is free for the retry.
+    assert published == []
+
+    async def succeed(session) -> bytes:
+        after_commit(session, lambda: published.append("told"))
+        return b"second-time"
+
+    assert await memory.once_within(opened, succeed, trail.transaction) == b"second-time"
+    assert published == ["told"]
