@@ -48,7 +48,9 @@ def make_engine(url: str, *, enforce_foreign_keys: bool = True) -> AsyncEngine:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=10000")
+            # 0 outside a trip to the connection's thread: a statement run on the
+            # event loop's thread fails rather than waits (shared/db/sqlite_driver.py).
+            cur.execute("PRAGMA busy_timeout=0")
             cur.execute(f"PRAGMA foreign_keys={'ON' if enforce_foreign_keys else 'OFF'}")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()

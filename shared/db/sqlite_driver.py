@@ -1,15 +1,30 @@
-"""SQLite under SQLAlchemy's async engine, with one trip to the connection's thread per
-statement.
+"""SQLite under SQLAlchemy's async engine, with as few trips to the connection's thread
+as waiting allows.
 
 aiosqlite runs each sqlite3 connection in a thread of its own; every call is a trip
 there and back (two thread wake-ups). SQLAlchemy's adapter makes four trips per
 statement (cursor, execute, fetchall, close) and one per commit or rollback, even of a
 transaction that never began. On the 2-core machines this project is measured on, a
 trip costs about 130 µs of CPU, and a point query about 10 µs: the trips were most of
-what a database call cost. Here a statement is one trip (execute, fetch every row,
-close, all in the connection's thread), and ending a transaction that was never begun
-is no trip at all. Nothing runs on the event loop's thread that could wait on the disk
-or on a lock.
+what a database call cost.
+
+Here a statement runs where it cannot wait, and makes one trip where it can:
+
+- A statement that cannot wait on a lock runs on the event loop's thread (execute,
+  fetch every row, close): a query (in WAL mode readers never wait for writers) and any
+  statement of a write transaction already begun (this connection holds the database's
+  write lock until it ends). The connection's busy timeout is 0 outside a trip, so if
+  SQLite would have to wait after all, the statement fails at once and is sent to the
+  thread instead.
+- Anything else (the first write of a transaction, which may wait for another process's
+  writer; DDL; PRAGMAs), and every COMMIT and ROLLBACK (a commit may checkpoint the WAL
+  into the database file), is one trip to the connection's thread, with the busy
+  timeout raised to WAIT_MS for that trip.
+- Ending a transaction that never began is no trip at all.
+
+The disk is touched on the loop's thread only to read pages of a small database, almost
+always from the OS page cache, and to append to the WAL without fsync (synchronous is
+NORMAL). ADR 0017 records the decision.
 
 `make_engine` (shared/db/engine.py) passes `dbapi()` to SQLAlchemy for SQLite URLs.
 """
@@ -17,7 +32,7 @@ or on a lock.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiosqlite
@@ -26,6 +41,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_cursor,
     AsyncAdapt_aiosqlite_dbapi,
 )
+from sqlalchemy.util.concurrency import await_
 
 _Outcome = tuple[Any, int, int | None, list[Any]]
 
@@ -53,10 +69,20 @@ class _OneTripCursor:
         return self
 
     async def _trip(self, sql: str, parameters: Any, *, many: bool) -> _Outcome:
+        raw: sqlite3.Connection | None = self._connection._conn
+        if raw is not None and (raw.in_transaction or _is_query(sql)):
+            # SQLAlchemy uses a connection from one task at a time and awaits each call,
+            # so its thread is idle now: running here never races it.
+            try:
+                return _run(raw, sql, parameters, many)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode not in _WOULD_WAIT:
+                    raise
+                # Busy (a checkpoint, WAL recovery): try again where waiting is allowed.
         # aiosqlite's own queue to its thread (what its Cursor uses); the version range
         # in pyproject.toml is the one this was written and tested against.
         outcome: _Outcome = await self._connection._execute(  # type: ignore[no-untyped-call]
-            _run, self._connection._conn, sql, parameters, many)
+            _run_waiting, self._connection._conn, sql, parameters, many)
         return outcome
 
     def _take(self, outcome: _Outcome) -> None:
@@ -68,6 +94,26 @@ class _OneTripCursor:
 
     def close(self) -> None:
         """Nothing to do: the sqlite3 cursor was closed in the trip that used it."""
+
+
+# How long a statement sent to the connection's thread waits for another writer (or a
+# checkpoint) before it fails with "database is locked".
+WAIT_MS = 10_000
+_WOULD_WAIT = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def _is_query(sql: str) -> bool:
+    return sql.lstrip()[:6].upper() == "SELECT"
+
+
+def _run_waiting(raw: sqlite3.Connection, sql: str, parameters: Any, many: bool
+                 ) -> _Outcome:
+    """_run, allowed to wait up to WAIT_MS for a lock (in the connection's thread)."""
+    raw.execute(f"PRAGMA busy_timeout={WAIT_MS}")
+    try:
+        return _run(raw, sql, parameters, many)
+    finally:
+        raw.execute("PRAGMA busy_timeout=0")
 
 
 def _run(raw: sqlite3.Connection, sql: str, parameters: Any, many: bool) -> _Outcome:
@@ -105,15 +151,32 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
     # idle (SQLAlchemy uses a connection from one task at a time).
     def rollback(self) -> None:
         if self._connection._connection is not None and self._connection.in_transaction:
-            super().rollback()
+            self._end(self._connection._conn.rollback)
 
     def commit(self) -> None:
         if self._connection._connection is not None and self._connection.in_transaction:
-            super().commit()
+            self._end(self._connection._conn.commit)
+
+    def _end(self, end: Callable[[], None]) -> None:
+        """Commit or roll back in the connection's thread, allowed to wait like a write."""
+        def waiting() -> None:
+            raw = self._connection._conn
+            raw.execute(f"PRAGMA busy_timeout={WAIT_MS}")
+            try:
+                end()
+            finally:
+                raw.execute("PRAGMA busy_timeout=0")
+
+        try:
+            await_(self._connection._execute(waiting))
+        except Exception as error:
+            self._handle_exception(error)
 
 
 class _Dbapi(AsyncAdapt_aiosqlite_dbapi):
     def connect(self, *arg: Any, **kw: Any) -> _Connection:
+        # Statements that cannot wait run on the event loop's thread (see above).
+        kw["check_same_thread"] = False
         adapted = super().connect(*arg, **kw)
         return _Connection(self, adapted._connection)
 

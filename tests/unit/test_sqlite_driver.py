@@ -3,7 +3,10 @@ transaction that never began, and the same results, rollbacks and errors as befo
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,18 +45,112 @@ def trips(monkeypatch: pytest.MonkeyPatch) -> Iterator[collections.Counter[str]]
     yield counted
 
 
-async def test_a_read_is_one_trip_and_a_write_two(sqlite: AsyncEngine,
-                                                  trips: collections.Counter[str]) -> None:
+async def test_reads_make_no_trip_and_a_write_transaction_two(
+        sqlite: AsyncEngine, tmp_path: Path, trips: collections.Counter[str]) -> None:
     async with sqlite.connect() as conn:  # the pool's connection, made before counting
         await conn.execute(text("SELECT 1"))
     trips.clear()
     async with sqlite.connect() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
-    assert sum(trips.values()) == 1, trips  # no trip for the rollback of nothing
-    trips.clear()
+    assert sum(trips.values()) == 0, trips  # run on the loop's thread; nothing to end
     async with sqlite.begin() as conn:
         await conn.execute(text("INSERT INTO t (name) VALUES ('a')"))
-    assert sum(trips.values()) == 2, trips  # the statement and the commit
+        await conn.execute(text("INSERT INTO t (name) VALUES ('b')"))
+        assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 2
+        await conn.execute(text("UPDATE t SET name = 'c' WHERE name = 'b'"))
+    # The first write (it may wait for another writer) and the commit; the statements
+    # after the first write hold the write lock already and run on the loop's thread.
+    assert trips == {"_run_waiting": 1, "waiting": 1}, trips
+    # Outside a trip, a statement fails rather than waits: from the connection's start.
+    fresh = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    try:
+        async with fresh.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection._conn
+            assert raw.execute("PRAGMA busy_timeout").fetchone() == (0,)
+    finally:
+        await fresh.dispose()
+
+
+def _hold(path: Path, begin: str, held: threading.Event, release: threading.Event) -> None:
+    """Another process's connection holding a write transaction until released."""
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute(begin)
+        other.execute("INSERT INTO t (name) VALUES ('other')")
+        held.set()
+        release.wait(30)
+        other.execute("COMMIT")
+    finally:
+        other.close()
+
+
+async def _ticks_while(work: Any) -> tuple[Any, int]:
+    """Run work; count how often a 10 ms ticker ran meanwhile (the loop kept going)."""
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        return await work, ticks
+    finally:
+        ticker.cancel()
+
+
+@pytest.mark.parametrize(("journal", "begin", "statement"), [
+    # Rollback journal, a writer committing (EXCLUSIVE): even readers must wait.
+    ("DELETE", "BEGIN EXCLUSIVE", "SELECT count(*) FROM t"),
+    # WAL (what the daemons use), a writer at work: a first write must wait.
+    ("WAL", "BEGIN IMMEDIATE", "INSERT INTO t (name) VALUES ('mine')"),
+])
+async def test_a_statement_that_must_wait_waits_off_the_loop(
+        sqlite: AsyncEngine, tmp_path: Path, journal: str, begin: str, statement: str) -> None:
+    """While another connection holds the database, a statement run on the loop's
+    thread fails at once (busy timeout 0) and one sent to the connection's thread waits
+    there: the loop keeps running, and the statement succeeds once the other lets go."""
+    async with sqlite.connect() as conn:
+        await conn.execute(text(f"PRAGMA journal_mode={journal}"))
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold, args=(tmp_path / "x.db", begin, held, release))
+    holder.start()
+    try:
+        assert await asyncio.to_thread(held.wait, 10)
+
+        async def run() -> Any:
+            async with sqlite.begin() as conn:
+                return (await conn.execute(text(statement))).rowcount
+
+        work = asyncio.ensure_future(run())
+        asyncio.get_running_loop().call_later(0.3, release.set)
+        _, ticks = await _ticks_while(work)
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 10)
+    assert ticks >= 10  # about 30 in the 0.3 s the other held the database
+    async with sqlite.connect() as conn:
+        names = (await conn.execute(text("SELECT name FROM t ORDER BY id"))).scalars().all()
+    assert names[0] == "other"
+
+
+async def test_in_wal_a_read_never_waits_for_a_writer(
+        sqlite: AsyncEngine, tmp_path: Path, trips: collections.Counter[str]) -> None:
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold, args=(tmp_path / "x.db", "BEGIN IMMEDIATE",
+                                                  held, release))
+    holder.start()
+    try:
+        assert await asyncio.to_thread(held.wait, 10)
+        async with sqlite.connect() as conn:
+            count = (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one()
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 10)
+    assert count == 0  # the other's row is not committed yet
+    assert sum(trips.values()) == 0, trips
 
 
 async def test_results_counts_and_row_ids(sqlite: AsyncEngine) -> None:
