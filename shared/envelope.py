@@ -7,6 +7,7 @@ the bytes alone.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from dataclasses import dataclass
@@ -98,6 +99,12 @@ def seal_envelope(
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _public_key(raw: bytes) -> Ed25519PublicKey:
+    """A peer's key, parsed once (a few peers' keys verify every message)."""
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 async def open_envelope(
     signed: wire_pb2.SignedEnvelope,
     *,
@@ -136,9 +143,7 @@ async def open_envelope(
             f"envelope rejected: key '{key.key_id}' of '{key.peer_name}' is not active"
         )
     try:
-        Ed25519PublicKey.from_public_bytes(key.public_key).verify(
-            signed.signature, SIGNING_PREFIX + raw
-        )
+        _public_key(key.public_key).verify(signed.signature, SIGNING_PREFIX + raw)
     except (InvalidSignature, ValueError):
         raise EnvelopeRejected("bad_signature",
                                "envelope rejected: signature does not verify") from None

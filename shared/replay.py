@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, update
+from sqlalchemy import Table, bindparam, delete, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -26,14 +26,30 @@ from shared.pb.v1 import wire_pb2
 TAKEOVER_AFTER_MS = 10 * 60 * 1000
 
 
+# INSERT ... ON CONFLICT DO NOTHING of a seen_messages row, per dialect; built once.
+_SEEN = cast(Table, models.SeenMessage.__table__)
+_INSERT_NEW = {"postgresql": pg_insert(_SEEN).on_conflict_do_nothing(),
+               "sqlite": sqlite_insert(_SEEN).on_conflict_do_nothing()}
+
+
 async def _insert_new(session: AsyncSession, **row: Any) -> bool:
-    """INSERT ... ON CONFLICT DO NOTHING of a seen_messages row: True if this one
-    inserted it. Of processes sharing the database that insert an id at once, exactly
-    one does; the others read its row."""
-    insert = (pg_insert if is_postgres(session) else sqlite_insert)(
-        cast(Table, models.SeenMessage.__table__))
-    result = await session.execute(insert.on_conflict_do_nothing(), row)
+    """Insert a seen_messages row unless its id is there: True if this one inserted it.
+    Of processes sharing the database that insert an id at once, exactly one does; the
+    others read its row."""
+    insert = _INSERT_NEW["postgresql" if is_postgres(session) else "sqlite"]
+    result = await session.execute(insert, row)
     return bool(getattr(result, "rowcount", 0) == 1)
+
+
+# A message this process claimed: its answer stored, or its claim freed. Built once.
+_CLAIMED_HERE = (models.SeenMessage.sender == bindparam("b_sender"),
+                 models.SeenMessage.message_id == bindparam("b_id"),
+                 models.SeenMessage.claimed_by == bindparam("b_owner"))
+_ANSWERED = (update(models.SeenMessage).where(*_CLAIMED_HERE)
+             .values(response=bindparam("b_response"), claimed_by=None)
+             .execution_options(synchronize_session=False))
+_FREE = (delete(models.SeenMessage).where(*_CLAIMED_HERE)
+         .execution_options(synchronize_session=False))
 
 
 class MessageMemory:
@@ -81,15 +97,11 @@ class MessageMemory:
             except BaseException:
                 # Nothing was answered: free the id so a retry is handled afresh.
                 async with self._write_lock, self._sessions() as session, session.begin():
-                    await session.execute(
-                        delete(models.SeenMessage)
-                        .where(*self._mine(env.sender, env.message_id)))
+                    await session.execute(_FREE, self._mine(env.sender, env.message_id))
                 raise
             async with self._write_lock, self._sessions() as session, session.begin():
-                await session.execute(
-                    update(models.SeenMessage)
-                    .where(*self._mine(env.sender, env.message_id))
-                    .values(response=answer, claimed_by=None))
+                await session.execute(_ANSWERED, {
+                    **self._mine(env.sender, env.message_id), "b_response": answer})
             return answer
 
     @asynccontextmanager
@@ -122,10 +134,8 @@ class MessageMemory:
             if stored is not None:
                 return stored
             answer = await handle(session)
-            await session.execute(
-                update(models.SeenMessage)
-                .where(*self._mine(env.sender, env.message_id))
-                .values(response=answer, claimed_by=None))
+            await session.execute(_ANSWERED, {
+                **self._mine(env.sender, env.message_id), "b_response": answer})
             return answer
 
     async def _answer_read(self, sender: str, message_id: str, digest: str,
@@ -150,9 +160,9 @@ class MessageMemory:
         # elsewhere, this one is as good: the query changed nothing).
         return seen.response if seen is not None and seen.response is not None else answer
 
-    def _mine(self, sender: str, message_id: str) -> tuple[Any, ...]:
-        m = models.SeenMessage
-        return (m.sender == sender, m.message_id == message_id, m.claimed_by == self.owner)
+    def _mine(self, sender: str, message_id: str) -> dict[str, str]:
+        """Parameters of _ANSWERED and _FREE: this message, claimed by this process."""
+        return {"b_sender": sender, "b_id": message_id, "b_owner": self.owner}
 
     async def _claim(self, sender: str, message_id: str, digest: str) -> bytes | None:
         """Claim the id for this process in a transaction of its own (None: go on and

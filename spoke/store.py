@@ -1,7 +1,8 @@
 """Agent rows on a spoke.
 
-`ScopedAgents` is the only way the request path reads or creates agents: every query
-filters by the active scope's tenant and workspaces. `AgentLedger` records lifecycle
+`ScopedAgents` is the only way the request path reads or creates agents: every read is
+filtered by the active scope's tenant and workspaces (in the query, or on the one row
+read by its id). `AgentLedger` records lifecycle
 changes by agent id for the supervisor, which acts on agents it already owns. Every
 change is written with its audit record in one transaction.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import ALLOWED, AuditEntry, AuditTrail, append_audit
@@ -81,6 +82,11 @@ class Quotas:
     spoke: int | None = None  # across tenants
 
 
+# Built once: asked on every command about an agent, and on every change of one.
+_BY_ID = select(models.Agent).where(models.Agent.agent_id == bindparam("b_agent"))
+_LIVE_BY_ID = _BY_ID.where(models.Agent.state.in_(sorted(LIVE_STATES)))
+
+
 class ScopedAgents:
     def __init__(self, trail: AuditTrail) -> None:
         self._trail = trail
@@ -95,9 +101,11 @@ class ScopedAgents:
         return query
 
     async def get(self, agent_id: str) -> models.Agent | None:
-        async with self._trail.reader() as session:
-            return (await session.execute(
-                self._visible().where(models.Agent.agent_id == agent_id))).scalar_one_or_none()
+        """The agent, if the active scope sees it."""
+        agent = await self.find_anywhere(agent_id)
+        if agent is None or not current_scope().sees(agent.tenant, agent.workspace):
+            return None
+        return agent
 
     async def visible(self) -> list[models.Agent]:
         async with self._trail.reader() as session:
@@ -108,7 +116,9 @@ class ScopedAgents:
         """An agent by id in any scope: only to refuse a reused id, or to know a spawn
         seen before; never to answer what exists."""
         async with self._trail.reader() as session:
-            return await session.get(models.Agent, agent_id)
+            found: models.Agent | None = (await session.execute(
+                _BY_ID, {"b_agent": agent_id})).scalar_one_or_none()
+            return found
 
     async def create(self, agent: models.Agent, entry: AuditEntry, quotas: Quotas) -> None:
         """Insert a PENDING agent unless the spoke, its workspace or its template is at
@@ -174,9 +184,7 @@ class AgentLedger:
         final agents stay as they are (None)."""
         async with self._trail.transaction() as session:
             agent = (await session.execute(
-                select(models.Agent).where(models.Agent.agent_id == agent_id,
-                                           models.Agent.state.in_(sorted(LIVE_STATES)))
-            )).scalar_one_or_none()
+                _LIVE_BY_ID, {"b_agent": agent_id})).scalar_one_or_none()
             if agent is None:
                 return None
             for key, value in values.items():
