@@ -37,6 +37,17 @@ BATCH = 200
 SEND_TIMEOUT_SECONDS = 10.0
 
 
+def newest_per_agent(entries: list[models.OutboxEntry]) -> list[models.OutboxEntry]:
+    """Of each agent's entries (given oldest first), the newest, in the order the agents
+    first appear. Each entry holds the agent's whole state, and the hub would skip the
+    older ones by seq anyway: a spawn of a quick program queues PENDING, RUNNING and its
+    end, and one report carries the end."""
+    newest: dict[str, models.OutboxEntry] = {}
+    for entry in entries:
+        newest[entry.agent_id] = entry
+    return list(newest.values())
+
+
 class HubUnreachable(Exception):
     """A hub did not take a report or heartbeat; the caller retries later."""
 
@@ -98,14 +109,10 @@ class StatusReporter:
             by_hub.setdefault(entry.hub, []).append(entry)
         failed = []
         for hub, batch in by_hub.items():
-            # Each entry holds the agent's whole state: of an agent's entries only the
-            # newest is sent (a spawn of a quick program queues PENDING, RUNNING and its
-            # end; the hub would skip the older ones anyway, by seq), and all are
-            # deleted once the hub acknowledged it.
-            newest = {e.agent_id: e for e in batch}
+            # All of the batch is deleted once the hub acknowledged the newest of each.
             report = wire_pb2.StatusReport(updates=[
                 wire_pb2.AgentUpdate(agent=wire_pb2.Agent.FromString(e.payload), seq=e.seq)
-                for e in newest.values()])
+                for e in newest_per_agent(batch)])
             try:
                 await self._send(hub, report=report)
             except HubUnreachable as exc:
