@@ -15,9 +15,8 @@ import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import models
@@ -66,25 +65,27 @@ def record_hash(seq: int, at_ms: int, fields: dict[str, str], prev_hash: str) ->
 # Built once: asked in every audited transaction.
 _TAIL = (select(models.AuditRecord.seq, models.AuditRecord.hash)
          .order_by(models.AuditRecord.seq.desc()).limit(1))
-_APPEND = cast(Table, models.AuditRecord.__table__).insert()
 
 
 async def append_audit(session: AsyncSession, entry: AuditEntry,
                        at_ms: int | None = None) -> models.AuditRecord:
-    """Append entry to the chain inside the caller's transaction, and return it (not
-    attached to the session). On a database shared by several processes (two hubs on
-    one PostgreSQL), the chain's tail is locked until the transaction ends, so two
-    appends never take the same place."""
+    """Append entry to the chain inside the caller's transaction. On a database shared
+    by several processes (two hubs on one PostgreSQL), the chain's tail is locked until
+    the transaction ends, so two appends never take the same place."""
     await lock_for_transaction(session, AUDIT_CHAIN_LOCK)
     tail = (await session.execute(_TAIL)).first()
     seq, prev = (tail[0] + 1, tail[1]) if tail else (1, GENESIS)
     at = now_ms() if at_ms is None else at_ms
     fields = {k: str(v)[:2000] for k, v in asdict(entry).items()}
-    row = {"seq": seq, "at_ms": at, "prev_hash": prev,
-           "hash": record_hash(seq, at, fields, prev), **fields}
-    # A plain INSERT: the session's unit of work has nothing to track.
-    await session.execute(_APPEND, row)
-    return models.AuditRecord(**row)
+    record = models.AuditRecord(seq=seq, at_ms=at, prev_hash=prev,
+                                hash=record_hash(seq, at, fields, prev), **fields)
+    # Flushed with what the transaction changed so far, in the unit of work's order: on
+    # PostgreSQL that order is part of how concurrent writers avoid deadlock (a plain
+    # INSERT here, leaving the rest to the commit, deadlocked concurrent token
+    # rotations and creations).
+    session.add(record)
+    await session.flush()
+    return record
 
 
 class AuditTrail:
