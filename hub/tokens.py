@@ -112,13 +112,20 @@ async def rotate_token(session: AsyncSession, *, token_id: int, grace_hours: int
                        now_ms: int, tenant: str | None = None) -> Issued:
     """Replace a working token; the old one keeps working for grace_hours.
 
-    The claim on the old token is the transaction's first statement, a compare-and-set,
-    so of two concurrent rotations exactly one wins and the chain never forks.
+    The claim on the old token is a compare-and-set, made once the tenant's row is
+    locked, so of two concurrent rotations exactly one wins and the chain never forks.
     """
     if not MIN_GRACE_HOURS <= grace_hours <= MAX_GRACE_HOURS:
         raise InvalidArgument(
             f"grace must be {MIN_GRACE_HOURS} to {MAX_GRACE_HOURS} hours, not {grace_hours}")
     t = models.OperatorToken
+    # The tenant's row first, as an issue locks it first: token writes (and the security
+    # epoch's trigger each of them fires) then take their locks in one order.
+    tenant_id = (await session.execute(select(t.tenant_id).where(t.id == token_id))
+                 ).scalar_one_or_none()
+    if tenant_id is not None:
+        await session.execute(select(models.Tenant.id).where(models.Tenant.id == tenant_id)
+                              .with_for_update())
     claimed = await session.execute(
         update(t).where(t.id == token_id, t.replaced_by_id.is_(None), _active(now_ms),
                         _in_tenant(tenant))

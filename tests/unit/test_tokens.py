@@ -428,14 +428,17 @@ async def test_concurrent_rotations_exactly_one_wins(sessions, n: int) -> None:
 
 async def test_second_rotation_waits_for_the_first_claim(engine, sessions) -> None:
     """Deterministic interleaving: the first rotation holds its transaction open while
-    the second issues its claim; the second cannot finish until the first commits, and
-    then finds the token already rotated."""
+    the second starts; the second cannot finish until the first commits, and then finds
+    the token already rotated."""
     old = await create(sessions, "alice", at=T0)
     t1 = T0 + 100
     second_claiming = asyncio.Event()
 
     def spy(conn, cursor, statement, params, context, executemany) -> None:
-        if statement.lstrip().startswith("UPDATE operator_tokens"):
+        # Its first statement that can wait: the tenant's row lock on PostgreSQL (no
+        # such lock on SQLite), else the claim.
+        if (statement.lstrip().startswith("UPDATE operator_tokens")
+                or statement.rstrip().endswith("FOR UPDATE")):
             second_claiming.set()
 
     async with sessions() as first, first.begin():
