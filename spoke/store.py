@@ -2,9 +2,9 @@
 
 `ScopedAgents` is the only way the request path reads or creates agents: every read is
 filtered by the active scope's tenant and workspaces (in the query, or on the one row
-read by its id). `AgentLedger` records lifecycle
-changes by agent id for the supervisor, which acts on agents it already owns. Every
-change is written with its audit record in one transaction.
+read by its id). `AgentLedger` records lifecycle changes by agent id for the
+supervisor, which acts on agents it already owns. Every change is written with its
+audit record in one transaction.
 """
 
 from __future__ import annotations
