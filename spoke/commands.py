@@ -307,17 +307,21 @@ class SpokeCommands:
                 f"({self._cfg.spoke.max_grace_seconds}); ask for less"
             )
         check_text("kill reason", req.reason, MAX_REASON_CHARS)
-        if agent.state not in FINAL_STATES:
-            reason = f"killed by {principal.name} via {current_scope().peer}" + (
-                f": {req.reason}" if req.reason else "")
-            if self.supervisor.is_supervised(agent.agent_id):
-                await self.supervisor.kill(agent.agent_id, grace_ms / 1000, reason,
-                                           by=principal.name, message_id=message_id)
-            else:
-                # Live in the record but not supervised: recover() found it gone.
-                await self.ledger.ended(agent.agent_id, "LOST", None,
-                                        "the process was gone when the kill arrived",
-                                        by=principal.name, message_id=message_id)
+        if agent.state in FINAL_STATES:
+            return to_wire(agent)
+        reason = f"killed by {principal.name} via {current_scope().peer}" + (
+            f": {req.reason}" if req.reason else "")
+        if self.supervisor.is_supervised(agent.agent_id):
+            ended = await self.supervisor.kill(agent.agent_id, grace_ms / 1000, reason,
+                                               by=principal.name, message_id=message_id)
+        else:
+            # Live in the record but not supervised: recover() found it gone.
+            ended = await self.ledger.ended(agent.agent_id, "LOST", None,
+                                            "the process was gone when the kill arrived",
+                                            by=principal.name, message_id=message_id)
+        if ended is not None:
+            return ended
+        # It ended otherwise meanwhile (by itself, or by a drain): the record says how.
         killed = await self.agents.get(agent.agent_id)
         assert killed is not None
         return to_wire(killed)
@@ -348,9 +352,11 @@ class SpokeCommands:
                 await self.drain(reason)
             await asyncio.sleep(DRAIN_WATCH_SECONDS)
 
-    async def _record_ending(self, agent_id: str, ending: Ending) -> None:
-        await self.ledger.ended(agent_id, ending.state, ending.exit_code, ending.reason,
-                                by=ending.by, message_id=ending.message_id)
+    async def _record_ending(self, agent_id: str, ending: Ending) -> wire_pb2.Agent | None:
+        """Record how a supervised agent ended; its new state (None: it was final)."""
+        return await self.ledger.ended(agent_id, ending.state, ending.exit_code,
+                                       ending.reason, by=ending.by,
+                                       message_id=ending.message_id)
 
     async def recover(self) -> None:
         """At start-up: re-adopt agents whose recorded pid still has its recorded start

@@ -199,3 +199,28 @@ def signal_process(proc: ProcStat, sig: signal.Signals) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+# pidfd_send_signal's flag (Linux 6.9+) for "the process group this pidfd's process
+# leads"; older kernels refuse it with EINVAL.
+PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2
+
+
+def signal_group(leader: int, leader_start: int, sig: signal.Signals) -> bool:
+    """Send sig to the process group led by exactly this process (pid and start time),
+    through its pidfd: the group cannot be another's, even if the pid is reused later.
+    False if the leader is gone or the kernel cannot do this; the caller then signals
+    processes one by one."""
+    try:
+        fd = os.pidfd_open(leader)
+    except (ProcessLookupError, OSError):
+        return False
+    try:
+        if start_time(leader) != leader_start:
+            return False
+        signal.pidfd_send_signal(fd, sig, None, PIDFD_SIGNAL_PROCESS_GROUP)
+        return True
+    except OSError:
+        return False  # EINVAL: a kernel before 6.9; ESRCH: it ended just now
+    finally:
+        os.close(fd)

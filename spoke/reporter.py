@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 BATCH = 200
 SEND_TIMEOUT_SECONDS = 10.0
+# Once a change is queued, how long the reporter waits for more before it sends: one
+# signed report then carries what a burst of changes queued (a kill's end, the next
+# spawn's start), not one each. The hub learns of a change at most this much later; an
+# operator's command gets the new state in its answer at once.
+LINGER_SECONDS = 0.1
 
 
 def newest_per_agent(entries: list[models.OutboxEntry]) -> list[models.OutboxEntry]:
@@ -83,23 +88,33 @@ class StatusReporter:
     async def _drain_forever(self) -> None:
         while True:
             self._trail.pending.clear()
+            more = False
             try:
                 async for attempt in AsyncRetrying(
                         retry=retry_if_exception_type(HubUnreachable),
                         wait=wait_exponential(multiplier=0.2, max=self._max_backoff())):
                     with attempt:
-                        await self.drain_once()
+                        more = await self.drain_once()
             except Exception:
                 log.exception("draining the outbox failed")
+            if more:
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._trail.pending.wait(),
                                        timeout=self._cfg.spoke.heartbeat_seconds)
+            if self._trail.pending.is_set():
+                await self._gather()
+
+    async def _gather(self) -> None:
+        """Let the rest of a burst of changes queue up: it goes in the same report."""
+        await asyncio.sleep(LINGER_SECONDS)
 
     def _max_backoff(self) -> float:
         return max(1.0, self._cfg.spoke.heartbeat_seconds * 2)
 
-    async def drain_once(self) -> None:
-        """Send every queued entry to its hub; raise HubUnreachable if any hub failed."""
+    async def drain_once(self) -> bool:
+        """Send the oldest queued entries (up to BATCH) to their hubs; True if that was a
+        full batch, so more may be waiting. HubUnreachable if any hub failed."""
         async with self._sessions() as session:
             entries = list((await session.execute(
                 select(models.OutboxEntry).order_by(models.OutboxEntry.id).limit(BATCH)
@@ -123,8 +138,7 @@ class StatusReporter:
                     models.OutboxEntry.id.in_([e.id for e in batch])))
         if failed:
             raise HubUnreachable("; ".join(failed))
-        if len(entries) == BATCH:
-            self._trail.changed()  # more to send
+        return len(entries) == BATCH
 
     # -- heartbeats and snapshots ------------------------------------------------------
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from spoke import procfs
 from spoke.launch import launcher_argv
@@ -61,8 +62,12 @@ class Ending:
     message_id: str = ""
 
 
+# What the supervisor's owner records of an agent's end (the spoke: its new state).
+Recorded = TypeVar("Recorded")
+
+
 @dataclass
-class _Running:
+class _Running(Generic[Recorded]):
     spec: LaunchSpec
     # None for an agent adopted after a restart: not our child, watched through /proc.
     proc: asyncio.subprocess.Process | None
@@ -80,16 +85,15 @@ class _Running:
     # The running SIGTERM/grace/SIGKILL sequence, if one was started.
     terminator: asyncio.Task[None] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # What on_exit returned, once done.
+    recorded: Recorded | None = None
     watcher: asyncio.Task[None] | None = None
 
 
-OnExit = Callable[[str, Ending], Awaitable[None]]
-
-
-class AgentSupervisor:
-    def __init__(self, on_exit: OnExit) -> None:
+class AgentSupervisor(Generic[Recorded]):
+    def __init__(self, on_exit: Callable[[str, Ending], Awaitable[Recorded]]) -> None:
         self._on_exit = on_exit
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, _Running[Recorded]] = {}
 
     def is_supervised(self, agent_id: str) -> bool:
         return agent_id in self._running
@@ -131,7 +135,7 @@ class AgentSupervisor:
         run = self._running[agent_id]
         run.watcher = asyncio.create_task(self._watch(run), name=f"agent-{agent_id}")
 
-    async def _watch(self, run: _Running) -> None:
+    async def _watch(self, run: _Running[Recorded]) -> None:
         watchdog = (asyncio.create_task(self._watchdog(run))
                     if _watched(run.spec.limits) else None)
         try:
@@ -156,7 +160,7 @@ class AgentSupervisor:
         if run.spec.cgroups is not None:
             run.spec.cgroups.remove()
         try:
-            await self._on_exit(run.spec.agent_id, ending)
+            run.recorded = await self._on_exit(run.spec.agent_id, ending)
         except Exception:
             log.exception("recording the end of agent %s failed", run.spec.agent_id)
         finally:
@@ -164,7 +168,7 @@ class AgentSupervisor:
             run.done.set()
 
     @staticmethod
-    async def _first_process_gone(run: _Running) -> int | None:
+    async def _first_process_gone(run: _Running[Any]) -> int | None:
         """The exit code of our child, or None for an adopted agent (not ours to reap)."""
         if run.proc is not None:
             return await run.proc.wait()
@@ -172,7 +176,7 @@ class AgentSupervisor:
         return None
 
     @staticmethod
-    def _ending(run: _Running, code: int | None) -> Ending:
+    def _ending(run: _Running[Any], code: int | None) -> Ending:
         how = "SIGKILL after the grace period" if run.escalated else "SIGTERM"
         if run.kill_reason:
             return Ending("KILLED", code, f"{run.kill_reason} ({how})", run.kill_by,
@@ -200,17 +204,19 @@ class AgentSupervisor:
         return Ending("FAILED", code, f"exited with code {code}")
 
     async def kill(self, agent_id: str, grace_seconds: float, reason: str, *, by: str = "",
-                   message_id: str = "") -> None:
-        """Kill a supervised agent and wait until its end is recorded."""
+                   message_id: str = "") -> Recorded | None:
+        """Kill a supervised agent and wait until its end is recorded; what on_exit
+        returned for it (None if it was not supervised, or recording failed)."""
         run = self._running.get(agent_id)
         if run is None:
-            return
+            return None
         if not run.kill_reason:
             run.kill_reason, run.kill_by, run.kill_message_id = reason, by, message_id
             self._terminate(run, grace_seconds)
         await run.done.wait()
+        return run.recorded
 
-    async def _watchdog(self, run: _Running) -> None:
+    async def _watchdog(self, run: _Running[Recorded]) -> None:
         """Stop the agent once its tree is past a limit; keep its log under the cap."""
         limits, groups = run.spec.limits, run.spec.cgroups
         while True:
@@ -232,7 +238,7 @@ class AgentSupervisor:
                 self._terminate(run, run.spec.grace_seconds)
                 return
 
-    def _terminate(self, run: _Running, grace_seconds: float) -> None:
+    def _terminate(self, run: _Running[Recorded], grace_seconds: float) -> None:
         if run.terminator is not None:
             return
 
@@ -294,6 +300,13 @@ def members(agent_id: str, launched: Launched, cgroups: AgentCgroups | None,
     return procfs.agent_processes(launched.pid, launched.start_time, agent_id, newer_than)
 
 
+async def _first_gone(launched: Launched, timeout: float) -> None:
+    """Wait, up to timeout, for the agent's first process to end."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(procfs.wait_exit(launched.pid, launched.start_time),
+                               timeout=timeout)
+
+
 @dataclass(frozen=True)
 class Terminated:
     escalated: bool  # SIGKILL was needed
@@ -310,17 +323,26 @@ async def terminate_processes(agent_id: str, launched: Launched, grace_seconds: 
         other kills asking at the same time)."""
         return members(agent_id, launched, cgroups, time.monotonic())
 
-    procs = await asyncio.to_thread(scan)
-    for proc in procs:
-        procfs.signal_process(proc, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
-    if any(p.pid == launched.pid and p.start_time == launched.start_time for p in procs):
-        # Most agents end with their first process: wait for it (its pidfd says when)
-        # rather than passing over /proc while it runs, then look for what is left.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(procfs.wait_exit(launched.pid, launched.start_time),
-                                   timeout=grace_seconds)
+    if procfs.signal_group(launched.pid, launched.start_time, signal.SIGTERM):
+        # The first process lives, and its process group (the agent's own session) has
+        # SIGTERM: most agents end with that process, so wait for it (its pidfd says
+        # when) and then look for what is left, rather than pass over /proc first.
+        await _first_gone(launched, grace_seconds)
         procs = await asyncio.to_thread(scan)
+        for proc in procs:
+            if proc.pgrp != launched.pid:
+                # It left the group (setsid) before the signal: its SIGTERM is now.
+                procfs.signal_process(proc, signal.SIGTERM)
+    else:
+        # The first process is gone (or the kernel cannot signal a group by pidfd):
+        # find every process of the agent and signal each.
+        procs = await asyncio.to_thread(scan)
+        for proc in procs:
+            procfs.signal_process(proc, signal.SIGTERM)
+        if any(p.pid == launched.pid and p.start_time == launched.start_time for p in procs):
+            await _first_gone(launched, grace_seconds)
+            procs = await asyncio.to_thread(scan)
     pause = FIRST_POLL_SECONDS  # what is left may stop soon: look again soon, then less often
     while procs and time.monotonic() < deadline:
         await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
