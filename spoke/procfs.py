@@ -12,15 +12,16 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 PROC = Path("/proc")
 AGENT_ENV = "FLEETWIRE_AGENT_ID"
 
 
-@dataclass(frozen=True)
-class ProcStat:
+class ProcStat(NamedTuple):
+    # A tuple, not a dataclass: a kill's pass over /proc makes one per process, and a
+    # frozen dataclass costs several times as much to build.
     pid: int
     state: str
     ppid: int
@@ -53,13 +54,14 @@ def _read(path: str, *, at_most: int | None = None) -> bytes:
 def read_stat(pid: int) -> ProcStat | None:
     try:
         # A stat line is a few hundred bytes: one read returns all of it.
-        text = _read(f"/proc/{pid}/stat", at_most=4096).decode(errors="replace")
+        raw = _read(f"/proc/{pid}/stat", at_most=4096)
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    # comm (field 2) is in parentheses and may itself hold spaces or ')'.
-    rest = text[text.rindex(")") + 2:].split()
-    return ProcStat(pid=pid, state=rest[0], ppid=int(rest[1]), pgrp=int(rest[2]),
-                    session=int(rest[3]), start_time=int(rest[19]))
+    # comm (field 2) is in parentheses and may itself hold spaces or ')'. Only the
+    # fields up to the start time (22) are split off.
+    rest = raw[raw.rindex(b")") + 2:].split(None, 20)
+    return ProcStat(pid, rest[0].decode(errors="replace"), int(rest[1]), int(rest[2]),
+                    int(rest[3]), int(rest[19]))
 
 
 def start_time(pid: int) -> int | None:
@@ -89,9 +91,9 @@ def _all_stats(newer_than: float | None = None) -> list[ProcStat]:
             return stats
         started = time.monotonic()
         stats = []
-        for entry in os.scandir(PROC):
-            if entry.name.isdigit():
-                st = read_stat(int(entry.name))
+        for name in os.listdir(PROC):
+            if name.isdigit():
+                st = read_stat(int(name))
                 if st is not None and st.alive:
                     stats.append(st)
         _snapshot = (started, stats)
