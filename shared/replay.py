@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, update
+from sqlalchemy import Table, bindparam, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -24,6 +24,8 @@ from shared.pb.v1 import wire_pb2
 # process stopped mid-way). Longer than any handler runs: a kill waits at most the
 # spoke's max_grace_seconds (300 by default) and then some.
 TAKEOVER_AFTER_MS = 10 * 60 * 1000
+# How many old ids one transaction of forget_older_than drops.
+FORGET_CHUNK = 1000
 
 
 # INSERT ... ON CONFLICT DO NOTHING of a seen_messages row, per dialect; built once.
@@ -211,9 +213,20 @@ class MessageMemory:
                               "retry shortly")
         return None
 
-    async def forget_older_than(self, cutoff_ms: int) -> int:
-        """Drop ids received before cutoff_ms (only ever past the skew window)."""
-        async with self._write_lock, self._sessions() as session, session.begin():
-            result = await session.execute(
-                delete(models.SeenMessage).where(models.SeenMessage.received_at_ms < cutoff_ms))
-        return int(getattr(result, "rowcount", 0) or 0)
+    async def forget_older_than(self, cutoff_ms: int, *, chunk: int = FORGET_CHUNK) -> int:
+        """Drop ids received before cutoff_ms (only ever past the skew window), at most
+        chunk per transaction: other writers wait for one chunk at most, and on SQLite
+        (where this runs on the event loop's thread) the loop for a few milliseconds."""
+        m = models.SeenMessage
+        oldest = (select(m.sender, m.message_id).where(m.received_at_ms < cutoff_ms)
+                  .limit(chunk))
+        forgotten = 0
+        while True:
+            async with self._write_lock, self._sessions() as session, session.begin():
+                result = await session.execute(
+                    delete(m).where(tuple_(m.sender, m.message_id).in_(oldest))
+                    .execution_options(synchronize_session=False))
+            done = int(getattr(result, "rowcount", 0) or 0)
+            forgotten += done
+            if done < chunk:
+                return forgotten

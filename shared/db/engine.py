@@ -53,6 +53,9 @@ def make_engine(url: str, *, enforce_foreign_keys: bool = True) -> AsyncEngine:
             cur.execute("PRAGMA busy_timeout=0")
             cur.execute(f"PRAGMA foreign_keys={'ON' if enforce_foreign_keys else 'OFF'}")
             cur.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints run in the connection's thread every so many commits, never
+            # inside a commit (shared/db/sqlite_driver.py).
+            cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.close()
 
     return engine

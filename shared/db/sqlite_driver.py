@@ -8,29 +8,31 @@ transaction that never began. On the 2-core machines this project is measured on
 trip costs about 130 µs of CPU, and a point query about 10 µs: the trips were most of
 what a database call cost.
 
-Here a statement runs where it cannot wait, and makes one trip where it can:
+Here everything runs on the event loop's thread unless it would wait:
 
-- A statement that cannot wait on a lock runs on the event loop's thread (execute,
-  fetch every row, close): a query (in WAL mode readers never wait for writers) and any
-  statement of a write transaction already begun (this connection holds the database's
-  write lock until it ends). The connection's busy timeout is 0 outside a trip, so if
-  SQLite would have to wait after all, the statement fails at once and is sent to the
-  thread instead.
-- Anything else (the first write of a transaction, which may wait for another process's
-  writer; DDL; PRAGMAs), and every COMMIT and ROLLBACK (a commit may checkpoint the WAL
-  into the database file), is one trip to the connection's thread, with the busy
-  timeout raised to WAIT_MS for that trip.
-- Ending a transaction that never began is no trip at all.
+- Each statement, and each COMMIT and ROLLBACK, first runs on the loop's thread
+  (execute, fetch every row, close). The connection's busy timeout is 0 outside a trip,
+  so where SQLite would have to wait (another process's writer holds the database; a
+  commit in rollback-journal mode waits for readers), it fails at once having done
+  nothing, and is sent to the connection's thread, with the busy timeout raised to
+  WAIT_MS for that trip. In WAL mode readers never wait, and a daemon's own writers
+  take turns behind its write lock, so the trips are for other processes (the CLI).
+- A commit in WAL mode with synchronous=NORMAL appends to the WAL without a sync. SQLite
+  would checkpoint the WAL into the database file (writes and syncs) inside whichever
+  commit crosses its threshold; here that is off, and every CHECKPOINT_EVERY-th commit
+  of the process goes to the connection's thread and checkpoints there after it.
+- Ending a transaction that never began is nothing at all.
 
 The disk is touched on the loop's thread only to read pages of a small database, almost
-always from the OS page cache, and to append to the WAL without fsync (synchronous is
-NORMAL). ADR 0017 records the decision.
+always from the OS page cache, and to append to the WAL without fsync. ADR 0017 records
+the decision; ADR 0018 the move of first writes and commits to the loop's thread.
 
 `make_engine` (shared/db/engine.py) passes `dbapi()` to SQLAlchemy for SQLite URLs.
 """
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -70,7 +72,7 @@ class _OneTripCursor:
 
     async def _trip(self, sql: str, parameters: Any, *, many: bool) -> _Outcome:
         raw: sqlite3.Connection | None = self._connection._conn
-        if raw is not None and (raw.in_transaction or _is_query(sql)):
+        if raw is not None:
             # SQLAlchemy uses a connection from one task at a time and awaits each call,
             # so its thread is idle now: running here never races it.
             try:
@@ -78,7 +80,8 @@ class _OneTripCursor:
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode not in _WOULD_WAIT:
                     raise
-                # Busy (a checkpoint, WAL recovery): try again where waiting is allowed.
+                # It would have to wait (another writer, a checkpoint): it did nothing,
+                # and goes where waiting is allowed.
         # aiosqlite's own queue to its thread (what its Cursor uses); the version range
         # in pyproject.toml is the one this was written and tested against.
         outcome: _Outcome = await self._connection._execute(  # type: ignore[no-untyped-call]
@@ -102,8 +105,12 @@ WAIT_MS = 10_000
 _WOULD_WAIT = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
-def _is_query(sql: str) -> bool:
-    return sql.lstrip()[:6].upper() == "SELECT"
+# WAL pages are copied into the database file by a checkpoint in the connection's thread
+# after every CHECKPOINT_EVERY-th commit of this process, not inside whichever commit
+# crosses SQLite's threshold (the connect pragma turns that off): a checkpoint writes
+# and syncs the database file, which a commit on the loop's thread must not do.
+CHECKPOINT_EVERY = 200
+_commits = itertools.count(1)
 
 
 def _run_waiting(raw: sqlite3.Connection, sql: str, parameters: Any, many: bool
@@ -151,19 +158,33 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
     # idle (SQLAlchemy uses a connection from one task at a time).
     def rollback(self) -> None:
         if self._connection._connection is not None and self._connection.in_transaction:
-            self._end(self._connection._conn.rollback)
+            self._end(self._connection._conn.rollback, checkpoint=False)
 
     def commit(self) -> None:
         if self._connection._connection is not None and self._connection.in_transaction:
-            self._end(self._connection._conn.commit)
+            self._end(self._connection._conn.commit,
+                      checkpoint=next(_commits) % CHECKPOINT_EVERY == 0)
 
-    def _end(self, end: Callable[[], None]) -> None:
-        """Commit or roll back in the connection's thread, allowed to wait like a write."""
+    def _end(self, end: Callable[[], None], *, checkpoint: bool) -> None:
+        """Commit or roll back on the loop's thread, or in the connection's thread if
+        that would wait (or a checkpoint follows), allowed to wait like a write. In WAL
+        mode with synchronous=NORMAL a commit appends to the WAL without a sync."""
+        if not checkpoint:
+            try:
+                end()
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode not in _WOULD_WAIT:
+                    self._handle_exception(exc)
+                # Busy: nothing was ended; the transaction is still open to end below.
+
         def waiting() -> None:
             raw = self._connection._conn
             raw.execute(f"PRAGMA busy_timeout={WAIT_MS}")
             try:
                 end()
+                if checkpoint:
+                    raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             finally:
                 raw.execute("PRAGMA busy_timeout=0")
 

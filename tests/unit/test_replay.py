@@ -226,6 +226,24 @@ async def test_unanswered_row_left_by_a_crash_is_handled_again(memory, sessions,
     assert await memory.once(opened, again) == b"b" and again.calls == 0
 
 
+async def test_forget_older_than_goes_a_chunk_at_a_time(memory, sessions, hub,
+                                                       keyring) -> None:
+    ids = [f"old-{n}" for n in range(5)] + ["new-1"]
+    for mid in ids:
+        await memory.once(await sealed_and_opened(hub, keyring, message_id=mid),
+                          CountingHandler(mid.encode()))
+    async with sessions() as s, s.begin():
+        await s.execute(update(models.SeenMessage).values(received_at_ms=1_000))
+        await s.execute(update(models.SeenMessage)
+                        .where(models.SeenMessage.message_id == "new-1")
+                        .values(received_at_ms=5_000))
+    # 2 + 2 + 1: the last chunk is short, so there is nothing more to drop.
+    assert await memory.forget_older_than(5_000, chunk=2) == 5
+    async with sessions() as s:
+        left = (await s.execute(select(models.SeenMessage.message_id))).scalars().all()
+    assert left == ["new-1"]
+
+
 async def test_forget_older_than(memory, sessions, hub, keyring) -> None:
     for mid in ("old-1", "old-2", "new-1"):
         await memory.once(await sealed_and_opened(hub, keyring, message_id=mid),

@@ -1,10 +1,12 @@
-"""The SQLite adapter: one trip to the connection's thread per statement, none to end a
-transaction that never began, and the same results, rollbacks and errors as before."""
+"""The SQLite adapter: statements and commits on the loop's thread unless they would
+wait, a checkpoint in the connection's thread every so many commits, and the same
+results, rollbacks and errors as before."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared.db import sqlite_driver
 from shared.db.engine import make_engine
 
 
@@ -45,7 +48,7 @@ def trips(monkeypatch: pytest.MonkeyPatch) -> Iterator[collections.Counter[str]]
     yield counted
 
 
-async def test_reads_make_no_trip_and_a_write_transaction_two(
+async def test_nothing_that_need_not_wait_makes_a_trip(
         sqlite: AsyncEngine, tmp_path: Path, trips: collections.Counter[str]) -> None:
     async with sqlite.connect() as conn:  # the pool's connection, made before counting
         await conn.execute(text("SELECT 1"))
@@ -58,25 +61,55 @@ async def test_reads_make_no_trip_and_a_write_transaction_two(
         await conn.execute(text("INSERT INTO t (name) VALUES ('b')"))
         assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 2
         await conn.execute(text("UPDATE t SET name = 'c' WHERE name = 'b'"))
-    # The first write (it may wait for another writer) and the commit; the statements
-    # after the first write hold the write lock already and run on the loop's thread.
-    assert trips == {"_run_waiting": 1, "waiting": 1}, trips
-    # Outside a trip, a statement fails rather than waits: from the connection's start.
+    # Nobody else was writing: the writes and the commit ran on the loop's thread too.
+    assert sum(trips.values()) == 0, trips
+    # Outside a trip, a statement fails rather than waits, from the connection's start;
+    # and SQLite never checkpoints inside a commit.
     fresh = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
     try:
         async with fresh.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection._conn
             assert raw.execute("PRAGMA busy_timeout").fetchone() == (0,)
+            assert raw.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
     finally:
         await fresh.dispose()
 
 
-def _hold(path: Path, begin: str, held: threading.Event, release: threading.Event) -> None:
-    """Another process's connection holding a write transaction until released."""
+async def test_every_so_many_commits_a_checkpoint_runs_in_the_thread(
+        sqlite: AsyncEngine, tmp_path: Path, trips: collections.Counter[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_driver, "CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(sqlite_driver, "_commits", itertools.count(1))
+    async with sqlite.connect() as conn:
+        await conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    trips.clear()
+
+    def in_database_file() -> int:
+        """Rows in the database file itself, not counting the WAL's."""
+        file = sqlite3.connect(f"file:{tmp_path / 'x.db'}?immutable=1", uri=True)
+        try:
+            return int(file.execute("SELECT count(*) FROM t").fetchone()[0])
+        finally:
+            file.close()
+
+    for n, name in enumerate("abc", start=1):
+        async with sqlite.begin() as conn:
+            await conn.execute(text("INSERT INTO t (name) VALUES (:n)"), {"n": name})
+        if n < 3:
+            assert sum(trips.values()) == 0, trips
+            assert in_database_file() == 0  # committed to the WAL only
+    # The third commit went to the thread, and its checkpoint copied the WAL over.
+    assert trips == {"waiting": 1}, trips
+    assert in_database_file() == 3
+
+
+def _hold(path: Path, begin: str, held: threading.Event, release: threading.Event,
+          holding: str = "INSERT INTO t (name) VALUES ('other')") -> None:
+    """Another process's connection holding a transaction until released."""
     other = sqlite3.connect(path, isolation_level=None)
     try:
         other.execute(begin)
-        other.execute("INSERT INTO t (name) VALUES ('other')")
+        other.execute(holding).fetchall()
         held.set()
         release.wait(30)
         other.execute("COMMIT")
@@ -101,21 +134,25 @@ async def _ticks_while(work: Any) -> tuple[Any, int]:
         ticker.cancel()
 
 
-@pytest.mark.parametrize(("journal", "begin", "statement"), [
+@pytest.mark.parametrize(("journal", "begin", "holding", "statement"), [
     # Rollback journal, a writer committing (EXCLUSIVE): even readers must wait.
-    ("DELETE", "BEGIN EXCLUSIVE", "SELECT count(*) FROM t"),
+    ("DELETE", "BEGIN EXCLUSIVE", None, "SELECT count(*) FROM t"),
     # WAL (what the daemons use), a writer at work: a first write must wait.
-    ("WAL", "BEGIN IMMEDIATE", "INSERT INTO t (name) VALUES ('mine')"),
-])
+    ("WAL", "BEGIN IMMEDIATE", None, "INSERT INTO t (name) VALUES ('mine')"),
+    # Rollback journal, a reader at work: the write may go on, its commit must wait.
+    ("DELETE", "BEGIN", "SELECT count(*) FROM t", "INSERT INTO t (name) VALUES ('mine')"),
+], ids=["read_waits", "first_write_waits", "commit_waits"])
 async def test_a_statement_that_must_wait_waits_off_the_loop(
-        sqlite: AsyncEngine, tmp_path: Path, journal: str, begin: str, statement: str) -> None:
-    """While another connection holds the database, a statement run on the loop's
-    thread fails at once (busy timeout 0) and one sent to the connection's thread waits
-    there: the loop keeps running, and the statement succeeds once the other lets go."""
+        sqlite: AsyncEngine, tmp_path: Path, journal: str, begin: str, holding: str | None,
+        statement: str) -> None:
+    """While another connection holds the database, a statement or commit run on the
+    loop's thread fails at once (busy timeout 0) and is sent to the connection's thread
+    to wait there: the loop keeps running, and it succeeds once the other lets go."""
     async with sqlite.connect() as conn:
         await conn.execute(text(f"PRAGMA journal_mode={journal}"))
     held, release = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_hold, args=(tmp_path / "x.db", begin, held, release))
+    holder = threading.Thread(target=_hold, args=(tmp_path / "x.db", begin, held, release,
+                                                  *([holding] if holding else [])))
     holder.start()
     try:
         assert await asyncio.to_thread(held.wait, 10)
@@ -133,7 +170,7 @@ async def test_a_statement_that_must_wait_waits_off_the_loop(
     assert ticks >= 10  # about 30 in the 0.3 s the other held the database
     async with sqlite.connect() as conn:
         names = (await conn.execute(text("SELECT name FROM t ORDER BY id"))).scalars().all()
-    assert names[0] == "other"
+    assert names[0] == ("mine" if holding else "other")
 
 
 async def test_in_wal_a_read_never_waits_for_a_writer(
