@@ -44,8 +44,7 @@ def to_wire(agent: models.Agent) -> wire_pb2.Agent:
 
 async def count_live(session: AsyncSession) -> int:
     """How many agents on this spoke are PENDING or RUNNING (all tenants)."""
-    return int((await session.execute(select(func.count()).select_from(models.Agent).where(
-        models.Agent.state.in_(sorted(LIVE_STATES))))).scalar_one())
+    return int((await session.execute(_COUNT_LIVE)).scalar_one())
 
 
 async def agents_by_state(session: AsyncSession) -> dict[str, int]:
@@ -133,18 +132,25 @@ class ScopedAgents:
         self._trail.changed()
 
 
+# Live agents on the spoke, in a workspace, and of a template in a workspace; built once.
+_LIVE = models.Agent.state.in_(sorted(LIVE_STATES))
+_COUNT_LIVE = select(func.count()).select_from(models.Agent).where(_LIVE)
+_COUNT_IN_WS = _COUNT_LIVE.where(models.Agent.tenant == bindparam("b_tenant"),
+                                 models.Agent.workspace == bindparam("b_ws"))
+_COUNT_OF_TEMPLATE = _COUNT_IN_WS.where(models.Agent.template == bindparam("b_template"))
+
+
 async def _check_quota(session: AsyncSession, agent: models.Agent, quotas: Quotas) -> None:
-    live = models.Agent.state.in_(sorted(LIVE_STATES))
-    in_ws = (models.Agent.tenant == agent.tenant) & (models.Agent.workspace == agent.workspace)
-    checks = [(quotas.spoke, models.Agent.agent_id.is_not(None), "this spoke"),
-              (quotas.workspace, in_ws, f"workspace '{agent.workspace}'"),
-              (quotas.template, in_ws & (models.Agent.template == agent.template),
+    checks = [(quotas.spoke, _COUNT_LIVE, "this spoke"),
+              (quotas.workspace, _COUNT_IN_WS, f"workspace '{agent.workspace}'"),
+              (quotas.template, _COUNT_OF_TEMPLATE,
                f"template '{agent.template}' in workspace '{agent.workspace}'")]
-    for limit, where, what in checks:
+    for limit, count, what in checks:
         if limit is None:
             continue
-        running = (await session.execute(
-            select(func.count()).select_from(models.Agent).where(where, live))).scalar_one()
+        running = (await session.execute(count, {
+            "b_tenant": agent.tenant, "b_ws": agent.workspace,
+            "b_template": agent.template})).scalar_one()
         if running >= limit:
             # The spoke-wide count spans tenants: say it is full, never how full.
             detail = (f"is at its capacity ({limit} agents)" if what == "this spoke"
