@@ -7,7 +7,6 @@ opened after the start time was checked, so it can only reach the process we mea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import threading
@@ -188,19 +187,9 @@ async def wait_exit(pid: int, recorded_start: int) -> None:
 
 
 def signal_process(proc: ProcStat, sig: signal.Signals) -> bool:
-    """Send sig to exactly this process (pid and start time), via a pidfd."""
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except (ProcessLookupError, OSError):
-        return False
-    try:
-        if start_time(proc.pid) != proc.start_time:
-            return False  # the pid now belongs to someone else
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(fd, sig)
-        return True
-    finally:
-        os.close(fd)
+    """Send sig to exactly this process (pid and start time), via a pidfd; False if it
+    is gone (or the pid is someone else's now)."""
+    return _send(proc.pid, proc.start_time, sig, 0)
 
 
 # pidfd_send_signal's flag (Linux 6.9+) for "the process group this pidfd's process
@@ -211,18 +200,24 @@ PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2
 def signal_group(leader: int, leader_start: int, sig: signal.Signals) -> bool:
     """Send sig to the process group led by exactly this process (pid and start time),
     through its pidfd: the group cannot be another's, even if the pid is reused later.
-    False if the leader is gone or the kernel cannot do this; the caller then signals
-    processes one by one."""
+    False if the leader is gone or the kernel cannot do this (before Linux 6.9); the
+    caller then signals processes one by one."""
+    return _send(leader, leader_start, sig, PIDFD_SIGNAL_PROCESS_GROUP)
+
+
+def _send(pid: int, recorded_start: int, sig: signal.Signals, flags: int) -> bool:
+    """pidfd_send_signal to pid, once its pidfd is open and its start time checked: the
+    pidfd holds the process, so the signal reaches the one whose start was checked."""
     try:
-        fd = os.pidfd_open(leader)
-    except (ProcessLookupError, OSError):
+        fd = os.pidfd_open(pid)
+    except OSError:
         return False
     try:
-        if start_time(leader) != leader_start:
-            return False
-        signal.pidfd_send_signal(fd, sig, None, PIDFD_SIGNAL_PROCESS_GROUP)
+        if start_time(pid) != recorded_start:
+            return False  # the pid now belongs to someone else
+        signal.pidfd_send_signal(fd, sig, None, flags)
         return True
     except OSError:
-        return False  # EINVAL: a kernel before 6.9; ESRCH: it ended just now
+        return False  # ESRCH: it ended just now; EINVAL: flags this kernel lacks
     finally:
         os.close(fd)
