@@ -22,7 +22,7 @@ from shared.daemon import (
     serve_until_stopped,
     with_port,
 )
-from shared.db.engine import make_engine, make_sessions
+from shared.db.engine import dispose, make_engine, make_sessions
 from shared.errors import InvalidArgument
 from shared.identity import load_identity
 from shared.inbox import EnvelopeInbox
@@ -118,7 +118,6 @@ async def run_hub(cfg: Config, listen: str, peer_listen: str, *, insecure: bool 
         await dispatcher.close()
         await metrics.close()
         await registry.close()
-        view.close()
-        await engine.dispose()
+        await dispose(engine)
 
     await serve_until_stopped(server, memory, cfg, on_stop)

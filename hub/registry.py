@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hub.events import AgentEvents
 from shared.audit import AuditEntry, AuditTrail, after_commit, append_audit
 from shared.db import models
+from shared.db.direct import mapped_columns, to_model
 from shared.envelope import now_ms
 from shared.pb.v1 import wire_pb2
 from shared.peers import ACTIVE
@@ -63,8 +64,10 @@ async def _heard_again(session: AsyncSession, spoke: str, agent: wire_pb2.Agent)
 
 # An agent by id in a tenant, with its spoke if that one may be asked (active, with an
 # address); asked on every status, kill and logs request, built once.
+_AGENT_KEYS, _AGENT_COLUMNS = mapped_columns(models.HubAgent)
+_PEER_KEYS, _PEER_COLUMNS = mapped_columns(models.Peer)
 _AGENT_AND_SPOKE = (
-    select(models.HubAgent, models.Peer)
+    select(*_AGENT_COLUMNS, *_PEER_COLUMNS)
     .join(models.Peer, and_(models.Peer.name == models.HubAgent.spoke,
                             models.Peer.state == ACTIVE, models.Peer.address != ""),
           isouter=True)
@@ -140,11 +143,17 @@ class HubRegistry:
     async def find_with_spoke(self, agent_id: str
                               ) -> tuple[models.HubAgent, models.Peer | None] | None:
         """An agent of the active tenant and its spoke's record (None if that spoke is
-        not active or has no address), in one statement."""
-        async with self._trail.reader() as session:
-            row = (await session.execute(_AGENT_AND_SPOKE, {
-                "b_agent": agent_id, "b_tenant": current_scope().tenant})).first()
-        return None if row is None else (row[0], row[1])
+        not active or has no address), in one statement. Detached copies, for reading."""
+        row = await self._trail.direct.first(_AGENT_AND_SPOKE, {
+            "b_agent": agent_id, "b_tenant": current_scope().tenant})
+        if row is None:
+            return None
+        split = len(_AGENT_KEYS)
+        agent = to_model(models.HubAgent, _AGENT_KEYS, row[:split])
+        peer = row[split:]
+        # The outer join's peer columns are all NULL when the spoke is not there.
+        return agent, (None if peer[_PEER_KEYS.index("name")] is None
+                       else to_model(models.Peer, _PEER_KEYS, peer))
 
     async def visible(self, *, spoke: str = "", workspace: str = "") -> list[models.HubAgent]:
         """The active tenant's agents, optionally on one spoke or in one workspace."""

@@ -15,11 +15,13 @@ import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import models
+from shared.db.direct import Direct, direct_for
 from shared.db.engine import AUDIT_CHAIN_LOCK, lock_for_transaction
 from shared.envelope import now_ms
 
@@ -100,6 +102,12 @@ class AuditTrail:
     def changed(self) -> None:
         """Wake whoever drains what committed transactions queued."""
         self.pending.set()
+
+    @cached_property
+    def direct(self) -> Direct:
+        """Where the hottest reads run, instead of through a session
+        (shared/db/direct.py)."""
+        return direct_for(self._sessions)
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[AsyncSession]:

@@ -15,6 +15,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import models
+from shared.db.direct import direct_for
 from shared.db.engine import is_postgres
 from shared.envelope import OpenedEnvelope, now_ms
 from shared.errors import Unauthenticated, Unavailable
@@ -43,6 +44,12 @@ async def _insert_new(session: AsyncSession, **row: Any) -> bool:
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
+# A message's row, for Direct (the common paths: a first claim, a stored answer).
+_SEEN_ROW = (select(models.SeenMessage.envelope_sha256, models.SeenMessage.response)
+             .where(models.SeenMessage.sender == bindparam("b_sender"),
+                    models.SeenMessage.message_id == bindparam("b_id")))
+
+
 # A message this process claimed: its answer stored, or its claim freed. Built once.
 _CLAIMED_HERE = (models.SeenMessage.sender == bindparam("b_sender"),
                  models.SeenMessage.message_id == bindparam("b_id"),
@@ -69,6 +76,8 @@ class MessageMemory:
                  write_lock: asyncio.Lock | None = None, *,
                  takeover_after_ms: int = TAKEOVER_AFTER_MS) -> None:
         self._sessions = sessions
+        # Single statements run here, not through a session (shared/db/direct.py).
+        self._direct = direct_for(sessions)
         # The daemon's one write lock (AuditTrail.write_lock), taken for each write.
         self._write_lock = write_lock or asyncio.Lock()
         # Per message id in flight: its lock and how many calls hold or await it.
@@ -98,11 +107,11 @@ class MessageMemory:
                 answer = await handle()
             except BaseException:
                 # Nothing was answered: free the id so a retry is handled afresh.
-                async with self._write_lock, self._sessions() as session, session.begin():
-                    await session.execute(_FREE, self._mine(env.sender, env.message_id))
+                async with self._write_lock:
+                    await self._direct.write(_FREE, self._mine(env.sender, env.message_id))
                 raise
-            async with self._write_lock, self._sessions() as session, session.begin():
-                await session.execute(_ANSWERED, {
+            async with self._write_lock:
+                await self._direct.write(_ANSWERED, {
                     **self._mine(env.sender, env.message_id), "b_response": answer})
             return answer
 
@@ -147,20 +156,23 @@ class MessageMemory:
         stored answer; other bytes under a known id are refused as a replay, after the
         query ran: a query changes nothing, so nothing was done twice."""
         answer = await handle()
-        m = models.SeenMessage
-        async with self._write_lock, self._sessions() as session, session.begin():
-            if await _insert_new(session, sender=sender, message_id=message_id,
-                                 envelope_sha256=digest, response=answer,
-                                 received_at_ms=now_ms(), claimed_by=None):
+        async with self._write_lock:
+            if await self._insert(sender=sender, message_id=message_id,
+                                  envelope_sha256=digest, response=answer,
+                                  received_at_ms=now_ms(), claimed_by=None):
                 return answer
-            seen = await session.get(m, (sender, message_id))
-        if seen is not None and seen.envelope_sha256 != digest:
+        seen = await self._direct.first(_SEEN_ROW, {"b_sender": sender, "b_id": message_id})
+        if seen is not None and seen[0] != digest:
             raise Unauthenticated(
                 f"envelope rejected: message_id '{message_id}' was already used with "
                 "other content (replay)")
         # A retry: the first answer stands (or, if it is still being worked out
         # elsewhere, this one is as good: the query changed nothing).
-        return seen.response if seen is not None and seen.response is not None else answer
+        return seen[1] if seen is not None and seen[1] is not None else answer
+
+    async def _insert(self, **row: Any) -> bool:
+        """_insert_new as one statement of its own (the caller holds the write lock)."""
+        return await self._direct.write(_INSERT_NEW[self._direct.dialect], row) == 1
 
     def _mine(self, sender: str, message_id: str) -> dict[str, str]:
         """Parameters of _ANSWERED and _FREE: this message, claimed by this process."""
@@ -170,8 +182,15 @@ class MessageMemory:
         """Claim the id for this process in a transaction of its own (None: go on and
         handle it), or return the stored answer; refuse a replay, or a duplicate another
         process is handling."""
-        async with self._write_lock, self._sessions() as session, session.begin():
-            return await self._claim_in(session, sender, message_id, digest)
+        async with self._write_lock:
+            # Almost always the id is new: one statement. Otherwise the row decides, in
+            # a transaction (a retry, a replay, or a claim to take over).
+            if await self._insert(sender=sender, message_id=message_id,
+                                  envelope_sha256=digest, response=None,
+                                  received_at_ms=now_ms(), claimed_by=self.owner):
+                return None
+            async with self._sessions() as session, session.begin():
+                return await self._claim_in(session, sender, message_id, digest)
 
     async def _claim_in(self, session: AsyncSession, sender: str, message_id: str,
                         digest: str) -> bytes | None:

@@ -18,7 +18,6 @@ can a long request (a bulk kill) use one check for longer than CHECK_LASTS_SECON
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
@@ -26,9 +25,10 @@ from contextvars import ContextVar
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import models
+from shared.db.direct import direct_for
 
 V = TypeVar("V")
 
@@ -38,7 +38,6 @@ _checked: ContextVar[float | None] = ContextVar("security_epoch_checked", defaul
 CHECK_LASTS_SECONDS = 1.0
 
 _EPOCH = select(models.SecurityEpoch.value).where(models.SecurityEpoch.id == 1)
-_EPOCH_SQL = "SELECT value FROM security_epoch WHERE id = 1"
 _MISSING = object()
 
 
@@ -47,17 +46,11 @@ class SecurityView:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], *,
                  max_entries: int = 10_000) -> None:
-        bind = sessions.kw.get("bind")
-        if not isinstance(bind, AsyncEngine):
-            raise TypeError("SecurityView needs sessions bound to an AsyncEngine")
-        self._engine = bind
         # Kept answers are dropped all at once past this many (unknown key ids are kept
         # too, so a flood of made-up ones must not grow it without end).
         self._max_entries = max_entries
         self._epoch: int | None = None
-        # SQLite: a connection of its own, used on the event loop's thread for this one
-        # read (see _read_here).
-        self._here = _reader_for(self._engine)
+        self._direct = direct_for(sessions)
         self._entries: dict[Hashable, Any] = {}
         # How many times the number was read, and how many lookups were answered from
         # what was kept (what the tests look at).
@@ -66,41 +59,16 @@ class SecurityView:
 
     async def refresh(self) -> None:
         """Read the epoch; drop everything kept if it moved."""
-        value = self._read_here() if self._here is not None else None
-        if value is None:
-            async with self._engine.connect() as conn:
-                value = (await conn.execute(_EPOCH)).scalar_one_or_none()
+        # One point query, on SQLite without leaving the event loop's thread
+        # (shared/db/direct.py).
+        row = await self._direct.first(_EPOCH)
+        value = None if row is None else row[0]
         self.epoch_reads += 1
         if value is None:
             raise RuntimeError("security_epoch has no row: run `fleetwire migrate`")
         if value != self._epoch:
             self._entries.clear()
             self._epoch = int(value)
-
-    def _read_here(self) -> int | None:
-        """The epoch, read without leaving the event loop's thread; None if SQLite
-        would have to wait for it (then the caller reads it the usual way).
-
-        The one exception to "no database call on the event loop's thread", and why it
-        is safe: in WAL mode a read never waits for a writer or a checkpoint, the row is
-        one page that is almost always in the OS page cache, and busy_timeout=0 makes
-        the rare case that would wait (recovery after a crash) fail at once instead. It
-        costs tens of microseconds; a trip to the connection's thread costs one to two
-        milliseconds of wall time on a busy 2-core machine.
-        """
-        assert self._here is not None
-        try:
-            # fetchall: the statement runs to its end, so no read stays open (an open
-            # one would hold back checkpoints).
-            rows = self._here.execute(_EPOCH_SQL).fetchall()
-        except sqlite3.OperationalError:
-            return None
-        return int(rows[0][0]) if rows else None
-
-    def close(self) -> None:
-        if self._here is not None:
-            self._here.close()
-            self._here = None
 
     @asynccontextmanager
     async def checked(self) -> AsyncIterator[None]:
@@ -133,14 +101,3 @@ class SecurityView:
             self._entries[key] = value
         return value
 
-
-def _reader_for(engine: AsyncEngine) -> sqlite3.Connection | None:
-    """A read-only-by-use sqlite3 connection to engine's database file (None for any
-    other database, or an in-memory one)."""
-    url = engine.url
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return None
-    conn = sqlite3.connect(url.database, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout=0")
-    conn.execute("PRAGMA query_only=1")
-    return conn

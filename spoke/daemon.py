@@ -16,7 +16,7 @@ from shared.daemon import (
     peer_certs,
     serve_until_stopped,
 )
-from shared.db.engine import make_engine, make_sessions
+from shared.db.engine import dispose, make_engine, make_sessions
 from shared.identity import load_identity
 from shared.inbox import EnvelopeInbox
 from shared.metrics import AGENT_STATES, Metrics, Reading, by_label, single
@@ -93,8 +93,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         commands.supervisor.detach()
         commands.cgroups.close()
         await metrics.close()
-        view.close()
-        await engine.dispose()
+        await dispose(engine)
 
     await serve_until_stopped(server, memory, cfg, on_stop)
 

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import ALLOWED, AuditEntry, AuditTrail, append_audit
 from shared.db import models
+from shared.db.direct import mapped_columns, to_model
 from shared.envelope import now_ms
 from shared.errors import ResourceExhausted
 from shared.pb.v1 import wire_pb2
@@ -82,8 +83,10 @@ class Quotas:
 
 
 # Built once: asked on every command about an agent, and on every change of one.
-_BY_ID = select(models.Agent).where(models.Agent.agent_id == bindparam("b_agent"))
-_LIVE_BY_ID = _BY_ID.where(models.Agent.state.in_(sorted(LIVE_STATES)))
+_AGENT_KEYS, _AGENT_COLUMNS = mapped_columns(models.Agent)
+_BY_ID = select(*_AGENT_COLUMNS).where(models.Agent.agent_id == bindparam("b_agent"))
+_LIVE_BY_ID = (select(models.Agent).where(models.Agent.agent_id == bindparam("b_agent"))
+               .where(models.Agent.state.in_(sorted(LIVE_STATES))))
 
 
 class ScopedAgents:
@@ -113,11 +116,9 @@ class ScopedAgents:
 
     async def find_anywhere(self, agent_id: str) -> models.Agent | None:
         """An agent by id in any scope: only to refuse a reused id, or to know a spawn
-        seen before; never to answer what exists."""
-        async with self._trail.reader() as session:
-            found: models.Agent | None = (await session.execute(
-                _BY_ID, {"b_agent": agent_id})).scalar_one_or_none()
-            return found
+        seen before; never to answer what exists. A detached copy, for reading."""
+        row = await self._trail.direct.first(_BY_ID, {"b_agent": agent_id})
+        return None if row is None else to_model(models.Agent, _AGENT_KEYS, row)
 
     async def create(self, agent: models.Agent, entry: AuditEntry, quotas: Quotas) -> None:
         """Insert a PENDING agent unless the spoke, its workspace or its template is at

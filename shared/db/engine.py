@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from shared.db import sqlite_driver
+from shared.db.direct import close_direct
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -46,19 +47,16 @@ def make_engine(url: str, *, enforce_foreign_keys: bool = True) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # 0 outside a trip to the connection's thread: a statement run on the
-            # event loop's thread fails rather than waits (shared/db/sqlite_driver.py).
-            cur.execute("PRAGMA busy_timeout=0")
-            cur.execute(f"PRAGMA foreign_keys={'ON' if enforce_foreign_keys else 'OFF'}")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            # Checkpoints run in the connection's thread every so many commits, never
-            # inside a commit (shared/db/sqlite_driver.py).
-            cur.execute("PRAGMA wal_autocheckpoint=0")
-            cur.close()
+            sqlite_driver.set_up(dbapi_conn, enforce_foreign_keys=enforce_foreign_keys)
 
     return engine
+
+
+async def dispose(engine: AsyncEngine) -> None:
+    """Close what the engine holds: its pool, and the connection of its Direct (at a
+    daemon's shutdown)."""
+    close_direct(engine)
+    await engine.dispose()
 
 
 def is_postgres(session: AsyncSession) -> bool:

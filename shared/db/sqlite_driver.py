@@ -78,7 +78,7 @@ class _OneTripCursor:
             try:
                 return _run(raw, sql, parameters, many)
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode not in _WOULD_WAIT:
+                if exc.sqlite_errorcode not in WOULD_WAIT:
                     raise
                 # It would have to wait (another writer, a checkpoint): it did nothing,
                 # and goes where waiting is allowed.
@@ -102,7 +102,7 @@ class _OneTripCursor:
 # How long a statement sent to the connection's thread waits for another writer (or a
 # checkpoint) before it fails with "database is locked".
 WAIT_MS = 10_000
-_WOULD_WAIT = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+WOULD_WAIT = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 
 
 # WAL pages are copied into the database file by a checkpoint in the connection's thread
@@ -111,6 +111,26 @@ _WOULD_WAIT = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 # and syncs the database file, which a commit on the loop's thread must not do.
 CHECKPOINT_EVERY = 200
 _commits = itertools.count(1)
+
+
+def checkpoint_due() -> bool:
+    """Count one commit of this process; True if a checkpoint should follow it."""
+    return next(_commits) % CHECKPOINT_EVERY == 0
+
+
+def set_up(conn: Any, *, enforce_foreign_keys: bool) -> None:
+    """The pragmas every connection of a daemon gets (conn: a sqlite3 connection, or
+    the adapted one SQLAlchemy hands its connect event)."""
+    cur = conn.cursor()
+    # 0 outside a trip to the connection's thread: a statement run on the event loop's
+    # thread fails rather than waits (this setting's own statements too).
+    cur.execute("PRAGMA busy_timeout=0")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA foreign_keys={'ON' if enforce_foreign_keys else 'OFF'}")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    # Checkpoints run in a worker thread every so many commits, never inside a commit.
+    cur.execute("PRAGMA wal_autocheckpoint=0")
+    cur.close()
 
 
 def _run_waiting(raw: sqlite3.Connection, sql: str, parameters: Any, many: bool
@@ -162,8 +182,7 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
 
     def commit(self) -> None:
         if self._connection._connection is not None and self._connection.in_transaction:
-            self._end(self._connection._conn.commit,
-                      checkpoint=next(_commits) % CHECKPOINT_EVERY == 0)
+            self._end(self._connection._conn.commit, checkpoint=checkpoint_due())
 
     def _end(self, end: Callable[[], None], *, checkpoint: bool) -> None:
         """Commit or roll back on the loop's thread, or in the connection's thread if
@@ -174,7 +193,7 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
                 end()
                 return
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode not in _WOULD_WAIT:
+                if exc.sqlite_errorcode not in WOULD_WAIT:
                     self._handle_exception(exc)
                 # Busy: nothing was ended; the transaction is still open to end below.
 

@@ -1,0 +1,201 @@
+"""Direct: prebuilt statements on SQLite's own connection (through the engine on
+PostgreSQL), with the values a session would give, and through the engine wherever
+SQLite would have to wait."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from shared.db import models, sqlite_driver
+from shared.db.direct import Direct, direct_for, mapped_columns, to_model
+from shared.db.engine import dispose, make_engine, make_sessions
+from tests.databases import Templates, migrated_copy
+
+J = models.JoinToken
+_TOKEN = select(J.name, J.pending, J.expires_at_ms).where(J.name == bindparam("b_id"))
+_PEND = update(J).where(J.name == bindparam("b_id")).values(pending=bindparam("b_p"))
+
+
+async def _add_token(sessions: async_sessionmaker[AsyncSession], token_id: str) -> None:
+    async with sessions() as session, session.begin():
+        session.add(J(token_sha256=token_id * 8, name=token_id, created_at_ms=1,
+                      expires_at_ms=2, pending=True))
+
+
+async def test_values_are_those_a_session_reads(
+        engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_token(sessions, "tok-1")
+    direct = direct_for(engine)
+    # A Boolean comes back as bool, not SQLite's 1; a missing row as None.
+    assert await direct.first(_TOKEN, {"b_id": "tok-1"}) == ("tok-1", True, 2)
+    assert await direct.first(_TOKEN, {"b_id": "absent"}) is None
+    assert await direct.write(_PEND, {"b_id": "tok-1", "b_p": False}) == 1
+    assert await direct.write(_PEND, {"b_id": "absent", "b_p": False}) == 0
+    async with sessions() as session:
+        # Committed: another connection (the session's) sees it.
+        assert (await session.execute(select(J.pending).where(J.name == "tok-1"))
+                ).scalar_one() is False
+    assert direct.detours == 0
+
+
+async def test_rows_become_instances_with_the_rows_values(
+        engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_token(sessions, "tok-2")
+    keys, columns = mapped_columns(J)
+    row = await direct_for(engine).first(select(*columns).where(J.name == "tok-2"))
+    assert row is not None
+    token = to_model(J, keys, row)
+    async with sessions() as session:
+        loaded = (await session.execute(select(J).where(J.name == "tok-2"))).scalar_one()
+        assert {k: getattr(token, k) for k in keys} == {k: getattr(loaded, k) for k in keys}
+
+
+@pytest.mark.parametrize(("statement", "params", "problem"), [
+    (select(J.name).where(J.name.in_(["a", "b"])), {}, "no IN lists"),
+    (select(J.name).where(J.name == bindparam("b_id")), {}, "b_id"),
+    # pending is not given: SQLAlchemy would fill in its Python-side default.
+    (insert(J), {"token_sha256": "x", "name": "x", "created_at_ms": 1,
+                 "expires_at_ms": 2}, "every value given"),
+])
+async def test_a_statement_it_cannot_run_as_built_is_refused_before_it_runs(
+        engine: AsyncEngine, statement: Any, params: dict[str, Any], problem: str) -> None:
+    direct = Direct(engine)
+    if direct.dialect != "sqlite":
+        pytest.skip("statements are compiled for SQLite's connection only")
+    with pytest.raises(Exception, match=problem):
+        await direct.rows(statement, params)
+    direct.close()
+
+
+@pytest.fixture
+async def sqlite_file(templates: Templates, tmp_path: Path) -> AsyncIterator[Path]:
+    async with migrated_copy("sqlite", templates, tmp_path) as url:
+        yield Path(url.split("///", 1)[1])
+
+
+def _hold(path: Path, begin: str, held: threading.Event, release: threading.Event) -> None:
+    """Another process's connection holding a write transaction until released."""
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute(begin)
+        other.execute("UPDATE security_epoch SET value = value + 1")
+        held.set()
+        release.wait(30)
+        other.execute("COMMIT")
+    finally:
+        other.close()
+
+
+async def _with_holder(path: Path, begin: str, work: Any) -> tuple[Any, int]:
+    """Run work while another connection holds the database for 0.3 s; how often a 10
+    ms ticker ran meanwhile (the event loop kept going)."""
+    held, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold, args=(path, begin, held, release))
+    holder.start()
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        assert await asyncio.to_thread(held.wait, 10)
+        task = asyncio.create_task(work)
+        await asyncio.sleep(0.3)
+        assert not task.done()  # waiting for the holder
+        release.set()
+        return await asyncio.wait_for(task, 10), ticks
+    finally:
+        release.set()
+        ticker.cancel()
+        await asyncio.to_thread(holder.join)
+
+
+async def test_a_write_another_writer_blocks_waits_in_the_engines_thread(
+        sqlite_file: Path) -> None:
+    engine = make_engine(f"sqlite+aiosqlite:///{sqlite_file}")
+    sessions = make_sessions(engine)
+    try:
+        await _add_token(sessions, "tok-3")
+        direct = direct_for(engine)
+        changed, ticks = await _with_holder(sqlite_file, "BEGIN IMMEDIATE", direct.write(
+            _PEND, {"b_id": "tok-3", "b_p": False}))
+        assert changed == 1
+        assert direct.detours == 1
+        assert ticks >= 10
+        assert await direct.first(_TOKEN, {"b_id": "tok-3"}) == ("tok-3", False, 2)
+    finally:
+        await dispose(engine)
+
+
+async def test_a_read_that_would_wait_goes_through_the_engine(sqlite_file: Path) -> None:
+    engine = make_engine(f"sqlite+aiosqlite:///{sqlite_file}")
+    try:
+        direct = direct_for(engine)
+        epoch = select(models.SecurityEpoch.value)
+        before = await direct.first(epoch)
+        assert before is not None
+        # In WAL mode (what daemons use) nothing makes a reader wait while Direct's
+        # connection is open; in rollback-journal mode a committing writer does.
+        assert await direct.first(select(models.SecurityEpoch.value).where(
+            models.SecurityEpoch.id == 1)) == before
+        direct._connection().execute("PRAGMA journal_mode=DELETE")  # type: ignore[union-attr]
+        row, ticks = await _with_holder(sqlite_file, "BEGIN EXCLUSIVE", direct.first(epoch))
+        assert row == (before[0] + 1,)  # read after the holder committed
+        assert direct.detours == 1
+        assert ticks >= 10
+    finally:
+        await dispose(engine)
+
+
+async def test_direct_commits_count_towards_checkpoints(
+        sqlite_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_driver, "CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(sqlite_driver, "_commits", itertools.count(1))
+    engine = make_engine(f"sqlite+aiosqlite:///{sqlite_file}")
+    sessions = make_sessions(engine)
+    try:
+        await _add_token(sessions, "tok-4")  # commit 1
+        direct = direct_for(engine)
+
+        def in_database_file() -> bool | None:
+            """The token's pending flag in the database file itself, not the WAL."""
+            file = sqlite3.connect(f"file:{sqlite_file}?immutable=1", uri=True)
+            try:
+                row = file.execute("SELECT pending FROM join_tokens WHERE name = 'tok-4'"
+                                   ).fetchone()
+                return None if row is None else bool(row[0])
+            finally:
+                file.close()
+
+        await direct.write(_PEND, {"b_id": "tok-4", "b_p": False})  # commit 2
+        assert in_database_file() is None  # in the WAL only
+        await direct.write(_PEND, {"b_id": "tok-4", "b_p": True})  # 3: checkpoint
+        assert in_database_file() is True
+    finally:
+        await dispose(engine)
+
+
+async def test_after_dispose_statements_go_through_the_engine(sqlite_file: Path) -> None:
+    engine = make_engine(f"sqlite+aiosqlite:///{sqlite_file}")
+    direct = direct_for(engine)
+    assert await direct.first(select(models.SecurityEpoch.id)) == (1,)
+    await dispose(engine)
+    # A fresh Direct for the engine, with no connection of its own left open.
+    assert direct_for(engine) is not direct
+    assert direct._connection() is None
+    assert await direct.first(select(models.SecurityEpoch.id)) == (1,)
+    await engine.dispose()
