@@ -21,6 +21,7 @@ from shared.db import models, sqlite_driver
 from shared.db.direct import Direct, direct_for, mapped_columns, to_model
 from shared.db.engine import dispose, make_engine, make_sessions
 from tests.databases import Templates, migrated_copy
+from tests.unit.holding import hold, ticks_while
 
 J = models.JoinToken
 _TOKEN = select(J.name, J.pending, J.expires_at_ms).where(J.name == bindparam("b_id"))
@@ -88,45 +89,21 @@ async def test_a_statement_it_cannot_run_as_built_is_refused_before_it_runs(
         await dispose(engine)
 
 
-def _hold(path: Path, begin: str, held: threading.Event, release: threading.Event) -> None:
-    """Another process's connection holding a write transaction until released."""
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        other.execute(begin)
-        other.execute("UPDATE security_epoch SET value = value + 1")
-        held.set()
-        release.wait(30)
-        other.execute("COMMIT")
-    finally:
-        other.close()
-
-
 async def _with_holder(path: Path, begin: str, work: Any) -> tuple[Any, int]:
-    """Run work while another connection holds the database for 0.3 s; how often a 10
-    ms ticker ran meanwhile (the event loop kept going)."""
+    """Run work while another connection holds the database (writing) for 0.3 s; how
+    often a 10 ms ticker ran meanwhile (the event loop kept going)."""
     held, release = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_hold, args=(path, begin, held, release))
+    holder = threading.Thread(target=hold, args=(
+        path, begin, held, release, "UPDATE security_epoch SET value = value + 1"))
     holder.start()
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
     try:
         assert await asyncio.to_thread(held.wait, 10)
-        task = asyncio.create_task(work)
-        await asyncio.sleep(0.3)
-        assert not task.done()  # waiting for the holder
-        release.set()
-        return await asyncio.wait_for(task, 10), ticks
+        task = asyncio.ensure_future(work)
+        asyncio.get_running_loop().call_later(0.3, release.set)
+        return await asyncio.wait_for(ticks_while(task), 10)
     finally:
         release.set()
-        ticker.cancel()
-        await asyncio.to_thread(holder.join)
+        await asyncio.to_thread(holder.join, 10)
 
 
 async def test_a_write_another_writer_blocks_waits_in_the_engines_thread(

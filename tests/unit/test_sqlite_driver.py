@@ -21,6 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import sqlite_driver
 from shared.db.engine import make_engine
+from tests.unit.holding import hold, ticks_while
+
+# What the other connection writes while it holds the database.
+_OTHER_ROW = "INSERT INTO t (name) VALUES ('other')"
 
 
 @pytest.fixture
@@ -103,37 +107,6 @@ async def test_every_so_many_commits_a_checkpoint_runs_in_the_thread(
     assert in_database_file() == 3
 
 
-def _hold(path: Path, begin: str, held: threading.Event, release: threading.Event,
-          holding: str = "INSERT INTO t (name) VALUES ('other')") -> None:
-    """Another process's connection holding a transaction until released."""
-    other = sqlite3.connect(path, isolation_level=None)
-    try:
-        other.execute(begin)
-        other.execute(holding).fetchall()
-        held.set()
-        release.wait(30)
-        other.execute("COMMIT")
-    finally:
-        other.close()
-
-
-async def _ticks_while(work: Any) -> tuple[Any, int]:
-    """Run work; count how often a 10 ms ticker ran meanwhile (the loop kept going)."""
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
-    try:
-        return await work, ticks
-    finally:
-        ticker.cancel()
-
-
 @pytest.mark.parametrize(("journal", "begin", "holding", "statement"), [
     # Rollback journal, a writer committing (EXCLUSIVE): even readers must wait.
     ("DELETE", "BEGIN EXCLUSIVE", None, "SELECT count(*) FROM t"),
@@ -151,8 +124,8 @@ async def test_a_statement_that_must_wait_waits_off_the_loop(
     async with sqlite.connect() as conn:
         await conn.execute(text(f"PRAGMA journal_mode={journal}"))
     held, release = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_hold, args=(tmp_path / "x.db", begin, held, release,
-                                                  *([holding] if holding else [])))
+    holder = threading.Thread(target=hold, args=(tmp_path / "x.db", begin, held, release,
+                                                 holding or _OTHER_ROW))
     holder.start()
     try:
         assert await asyncio.to_thread(held.wait, 10)
@@ -163,7 +136,7 @@ async def test_a_statement_that_must_wait_waits_off_the_loop(
 
         work = asyncio.ensure_future(run())
         asyncio.get_running_loop().call_later(0.3, release.set)
-        _, ticks = await _ticks_while(work)
+        _, ticks = await ticks_while(work)
     finally:
         release.set()
         await asyncio.to_thread(holder.join, 10)
@@ -176,8 +149,8 @@ async def test_a_statement_that_must_wait_waits_off_the_loop(
 async def test_in_wal_a_read_never_waits_for_a_writer(
         sqlite: AsyncEngine, tmp_path: Path, trips: collections.Counter[str]) -> None:
     held, release = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_hold, args=(tmp_path / "x.db", "BEGIN IMMEDIATE",
-                                                  held, release))
+    holder = threading.Thread(target=hold, args=(tmp_path / "x.db", "BEGIN IMMEDIATE",
+                                                 held, release, _OTHER_ROW))
     holder.start()
     try:
         assert await asyncio.to_thread(held.wait, 10)
