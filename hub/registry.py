@@ -66,6 +66,7 @@ async def _heard_again(session: AsyncSession, spoke: str, agent: wire_pb2.Agent)
 # address); asked on every status, kill and logs request, built once.
 _AGENT_KEYS, _AGENT_COLUMNS = mapped_columns(models.HubAgent)
 _PEER_KEYS, _PEER_COLUMNS = mapped_columns(models.Peer)
+_PEER_NAME = _PEER_KEYS.index("name")
 _AGENT_AND_SPOKE = (
     select(*_AGENT_COLUMNS, *_PEER_COLUMNS)
     .join(models.Peer, and_(models.Peer.name == models.HubAgent.spoke,
@@ -152,7 +153,7 @@ class HubRegistry:
         agent = to_model(models.HubAgent, _AGENT_KEYS, row[:split])
         peer = row[split:]
         # The outer join's peer columns are all NULL when the spoke is not there.
-        return agent, (None if peer[_PEER_KEYS.index("name")] is None
+        return agent, (None if peer[_PEER_NAME] is None
                        else to_model(models.Peer, _PEER_KEYS, peer))
 
     async def visible(self, *, spoke: str = "", workspace: str = "") -> list[models.HubAgent]:

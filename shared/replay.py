@@ -44,7 +44,7 @@ async def _insert_new(session: AsyncSession, **row: Any) -> bool:
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
-# A message's row, for Direct (the common paths: a first claim, a stored answer).
+# A message's digest and answer, read by Direct when a query's id was there already.
 _SEEN_ROW = (select(models.SeenMessage.envelope_sha256, models.SeenMessage.response)
              .where(models.SeenMessage.sender == bindparam("b_sender"),
                     models.SeenMessage.message_id == bindparam("b_id")))
