@@ -18,6 +18,7 @@ from hub.registry import HubRegistry, known_agent
 from shared.audit import ALLOWED, AuditEntry, AuditTrail, append_audit
 from shared.config import SLUG_RE, Config, check_name
 from shared.db import models
+from shared.db.direct import mapped_columns, to_model
 from shared.envelope import now_ms
 from shared.errors import (
     FleetwireError,
@@ -54,8 +55,10 @@ def _not_found_spoke(spoke: str) -> NotFound:
 
 
 # A spoke peer (active, with an address) by name; built once.
-_ONE_SPOKE = select(models.Peer).where(models.Peer.name == bindparam("b_name"),
-                                       models.Peer.state == ACTIVE, models.Peer.address != "")
+_PEER_KEYS, _PEER_COLUMNS = mapped_columns(models.Peer)
+_ONE_SPOKE = select(*_PEER_COLUMNS).where(models.Peer.name == bindparam("b_name"),
+                                          models.Peer.state == ACTIVE,
+                                          models.Peer.address != "")
 
 
 class HubOperator:
@@ -85,9 +88,9 @@ class HubOperator:
 
     async def _address(self, spoke: str) -> str:
         """The address of a spoke that may be asked now; fail fast if it is OFFLINE."""
-        async with self._trail.reader() as session:
-            peer = (await session.execute(_ONE_SPOKE, {"b_name": spoke})).scalar_one_or_none()
-        return self._reachable(spoke, peer)
+        row = await self._trail.direct.first(_ONE_SPOKE, {"b_name": spoke})
+        return self._reachable(spoke, None if row is None
+                               else to_model(models.Peer, _PEER_KEYS, row))
 
     def _reachable(self, spoke: str, peer: models.Peer | None) -> str:
         """The address of spoke (its record: peer) if it may be asked now."""

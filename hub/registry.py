@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.events import AgentEvents
-from shared.audit import AuditEntry, AuditTrail, after_commit, append_audit
+from shared.audit import AuditEntry, AuditTrail, add_audit, after_commit
 from shared.db import models
-from shared.db.direct import mapped_columns, to_model
+from shared.db.direct import Statements, mapped_columns, statements_on, to_model
 from shared.envelope import now_ms
 from shared.pb.v1 import wire_pb2
 from shared.peers import ACTIVE
@@ -49,17 +50,15 @@ _HEARD_AGAIN = (
            models.HubAgent.tenant == bindparam("b_tenant"),
            models.HubAgent.report_seq >= bindparam("b_seq"),
            models.HubAgent.snapshot.is_not(None))
-    .values(reported_at_ms=bindparam("b_now"))
-    .execution_options(synchronize_session=False))
+    .values(reported_at_ms=bindparam("b_now")))
 
 
-async def _heard_again(session: AsyncSession, spoke: str, agent: wire_pb2.Agent) -> bool:
+def _heard_again(tx: Statements, spoke: str, agent: wire_pb2.Agent) -> bool:
     """Stamp the agent as heard from now if the answer is not newer than what the
     registry holds; False if it is (or the agent is not there as that spoke's)."""
-    result = await session.execute(_HEARD_AGAIN, {
+    return tx.run(_HEARD_AGAIN, {
         "b_agent": agent.agent_id, "b_spoke": spoke, "b_tenant": agent.tenant,
-        "b_seq": agent.seq, "b_now": now_ms()})
-    return bool(getattr(result, "rowcount", 0) == 1)
+        "b_seq": agent.seq, "b_now": now_ms()}) == 1
 
 
 # An agent by id in a tenant, with its spoke if that one may be asked (active, with an
@@ -76,11 +75,13 @@ _AGENT_AND_SPOKE = (
            models.HubAgent.tenant == bindparam("b_tenant")))
 
 
-# An agent's row, locked until commit where the database can (PostgreSQL); built once
-# (Session.get builds its statement on every call, twice the CPU here).
-_ROW_FOR_UPDATE = (select(models.HubAgent)
+# An agent's row, locked until commit where the database can (PostgreSQL); a new row,
+# and a change of one (the columns set are the parameters besides b_agent). Built once.
+_ROW_FOR_UPDATE = (select(*_AGENT_COLUMNS)
                    .where(models.HubAgent.agent_id == bindparam("b_agent"))
                    .with_for_update())
+_ADD_AGENT = insert(models.HubAgent)
+_CHANGE_AGENT = update(models.HubAgent).where(models.HubAgent.agent_id == bindparam("b_agent"))
 
 
 # "Heard from now" stamps of live answers that brought nothing new, written together.
@@ -178,11 +179,10 @@ class HubRegistry:
     async def record_pending(self, *, agent_id: str, spoke: str, workspace: str,
                              template: str, message_id: str) -> None:
         scope = current_scope()
-        async with self._trail.transaction() as session:
-            session.add(models.HubAgent(
-                agent_id=agent_id, spoke=spoke, tenant=scope.tenant, workspace=workspace,
-                template=template, principal=scope.principal.name, state="PENDING",
-                spawn_message_id=message_id, updated_at_ms=now_ms()))
+        row = _new_row(agent_id=agent_id, spoke=spoke, tenant=scope.tenant,
+                       workspace=workspace, template=template,
+                       principal=scope.principal.name, spawn_message_id=message_id)
+        await self._trail.apply(lambda tx: tx.run(_ADD_AGENT, row))
 
     async def forget(self, agent_id: str) -> None:
         scope = current_scope()
@@ -200,25 +200,33 @@ class HubRegistry:
         record the change the operator asked for in the same transaction."""
         if agent.tenant != current_scope().tenant:
             return
-        async with self._trail.transaction() as session:
-            if audit is None and await _heard_again(session, spoke, agent):
-                return
-            applied = await self._apply(session, spoke, agent, adopt_unknown=True)
+
+        def observe(tx: Statements) -> wire_pb2.Agent | None:
+            if audit is None and _heard_again(tx, spoke, agent):
+                return None
+            applied = _apply(tx, spoke, agent, adopt_unknown=True)
             if audit is not None:
-                await append_audit(session, audit)
-        self._publish([applied])
+                add_audit(tx, audit)
+            return applied
+
+        self._publish([await self._trail.apply(observe)])
 
     async def apply_report(self, session: AsyncSession, spoke: str,
                            updates: list[wire_pb2.AgentUpdate]) -> int:
         """Apply a spoke's status report in session (an AuditTrail transaction); returns
         how many updates changed something. Only agents this hub spawned on that spoke,
         in their recorded tenant, count. Watchers hear of the changes once committed."""
-        applied = []
+        agents = []
         for change in updates:
             agent = wire_pb2.Agent()
             agent.CopyFrom(change.agent)
             agent.seq = change.seq
-            applied.append(await self._apply(session, spoke, agent, adopt_unknown=False))
+            agents.append(agent)
+
+        def apply(tx: Statements) -> list[wire_pb2.Agent | None]:
+            return [_apply(tx, spoke, agent, adopt_unknown=False) for agent in agents]
+
+        applied = await session.run_sync(lambda s: apply(statements_on(s.connection())))
         after_commit(session, lambda: self._publish(applied))
         return sum(a is not None for a in applied)
 
@@ -228,34 +236,46 @@ class HubRegistry:
             if agent is not None:
                 self.events.publish(agent)
 
-    async def _apply(self, session: AsyncSession, spoke: str, agent: wire_pb2.Agent, *,
-                     adopt_unknown: bool) -> wire_pb2.Agent | None:
-        """Store agent if it is newer than what the registry has; return what changed."""
-        # Locked until commit: a second hub process on the same database applying
-        # another report of this agent waits, then sees this one's sequence number.
-        row = (await session.execute(_ROW_FOR_UPDATE, {"b_agent": agent.agent_id})
-               ).scalar_one_or_none()
-        if row is None:
-            if not adopt_unknown:
-                return None
-            row = models.HubAgent(
-                agent_id=agent.agent_id, spoke=spoke, tenant=agent.tenant,
-                workspace=agent.workspace, template=agent.template,
-                principal=agent.principal, state="PENDING", spawn_message_id="",
-                updated_at_ms=now_ms(), report_seq=0)
-            session.add(row)
-        if row.spoke != spoke or row.tenant != agent.tenant:
-            log.warning("spoke %s reported agent %s, which belongs elsewhere; ignored",
-                        spoke, agent.agent_id)
+
+def _new_row(**values: Any) -> dict[str, Any]:
+    """Every column of a new registry row: an agent spawned, not heard of yet."""
+    return {"state": "PENDING", "updated_at_ms": now_ms(), "snapshot": None,
+            "report_seq": 0, "reported_at_ms": None, **values}
+
+
+def _apply(tx: Statements, spoke: str, agent: wire_pb2.Agent, *,
+           adopt_unknown: bool) -> wire_pb2.Agent | None:
+    """Store agent if it is newer than what the registry has; return what changed."""
+    # Locked until commit: a second hub process on the same database applying another
+    # report of this agent waits, then sees this one's sequence number.
+    found = tx.first(_ROW_FOR_UPDATE, {"b_agent": agent.agent_id})
+    if found is None:
+        if not adopt_unknown:
             return None
-        row.reported_at_ms = now_ms()
-        if agent.seq <= row.report_seq and row.snapshot is not None:
-            return None  # a duplicate or late report: never move backwards
+        row = _new_row(agent_id=agent.agent_id, spoke=spoke, tenant=agent.tenant,
+                       workspace=agent.workspace, template=agent.template,
+                       principal=agent.principal, spawn_message_id="")
+    else:
+        row = dict(zip(_AGENT_KEYS, found, strict=True))
+    if row["spoke"] != spoke or row["tenant"] != agent.tenant:
+        log.warning("spoke %s reported agent %s, which belongs elsewhere; ignored",
+                    spoke, agent.agent_id)
+        return None
+    row["reported_at_ms"] = now_ms()
+    changed = ["reported_at_ms"]
+    if agent.seq > row["report_seq"] or row["snapshot"] is None:
         stored = wire_pb2.Agent()
         stored.CopyFrom(agent)
         stored.spoke, stored.stale, stored.reported_at_ms = "", False, 0
-        row.snapshot = stored.SerializeToString()
-        row.report_seq = max(agent.seq, row.report_seq)
-        row.state = state_name(agent)
-        row.updated_at_ms = now_ms()
-        return known_agent(row)
+        row.update(snapshot=stored.SerializeToString(),
+                   report_seq=max(agent.seq, row["report_seq"]), state=state_name(agent),
+                   updated_at_ms=now_ms())
+        changed += ["snapshot", "report_seq", "state", "updated_at_ms"]
+    if found is None:
+        tx.run(_ADD_AGENT, row)
+    else:
+        tx.run(_CHANGE_AGENT, {"b_agent": agent.agent_id, **{k: row[k] for k in changed}})
+    if len(changed) == 1:
+        return None  # a duplicate or late report: never move backwards
+    return known_agent(to_model(models.HubAgent, _AGENT_KEYS,
+                                [row[key] for key in _AGENT_KEYS]))

@@ -16,14 +16,17 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import models
-from shared.db.direct import Direct, direct_for
-from shared.db.engine import AUDIT_CHAIN_LOCK, lock_for_transaction
+from shared.db.direct import Direct, Row, Statements, direct_for
+from shared.db.engine import ADVISORY_XACT_LOCK, AUDIT_CHAIN_LOCK, lock_for_transaction
 from shared.envelope import now_ms
+
+T = TypeVar("T")
 
 GENESIS = "0" * 64
 ALLOWED = "allowed"
@@ -67,6 +70,17 @@ def record_hash(seq: int, at_ms: int, fields: dict[str, str], prev_hash: str) ->
 # Built once: asked in every audited transaction.
 _TAIL = (select(models.AuditRecord.seq, models.AuditRecord.hash)
          .order_by(models.AuditRecord.seq.desc()).limit(1))
+_ADD = insert(models.AuditRecord)
+
+
+def _next_record(tail: Row | None, entry: AuditEntry, at_ms: int | None) -> dict[str, Any]:
+    """The columns of the record of entry that follows tail (the chain's last record's
+    seq and hash; None if the chain is empty)."""
+    seq, prev = (tail[0] + 1, tail[1]) if tail else (1, GENESIS)
+    at = now_ms() if at_ms is None else at_ms
+    fields = {k: str(v)[:2000] for k, v in asdict(entry).items()}
+    return {"seq": seq, "at_ms": at, "prev_hash": prev,
+            "hash": record_hash(seq, at, fields, prev), **fields}
 
 
 async def append_audit(session: AsyncSession, entry: AuditEntry,
@@ -76,11 +90,7 @@ async def append_audit(session: AsyncSession, entry: AuditEntry,
     the transaction ends, so two appends never take the same place."""
     await lock_for_transaction(session, AUDIT_CHAIN_LOCK)
     tail = (await session.execute(_TAIL)).first()
-    seq, prev = (tail[0] + 1, tail[1]) if tail else (1, GENESIS)
-    at = now_ms() if at_ms is None else at_ms
-    fields = {k: str(v)[:2000] for k, v in asdict(entry).items()}
-    record = models.AuditRecord(seq=seq, at_ms=at, prev_hash=prev,
-                                hash=record_hash(seq, at, fields, prev), **fields)
+    record = models.AuditRecord(**_next_record(tuple(tail) if tail else None, entry, at_ms))
     # Flushed with what the transaction changed so far, in the unit of work's order: on
     # PostgreSQL that order is part of how concurrent writers avoid deadlock (a plain
     # INSERT here, leaving the rest to the commit, deadlocked concurrent token
@@ -88,6 +98,12 @@ async def append_audit(session: AsyncSession, entry: AuditEntry,
     session.add(record)
     await session.flush()
     return record
+
+
+def add_audit(tx: Statements, entry: AuditEntry, at_ms: int | None = None) -> None:
+    """append_audit, among the statements of an AuditTrail.apply transaction (which
+    took the chain's lock first)."""
+    tx.run(_ADD, _next_record(tx.first(_TAIL), entry, at_ms))
 
 
 class AuditTrail:
@@ -137,10 +153,23 @@ class AuditTrail:
             for action in session.info.pop(_AFTER_COMMIT, ()):
                 action()
 
+    async def apply(self, body: Callable[[Statements], T]) -> T:
+        """Run body's statements in one transaction, appending audit records with
+        add_audit; body's result. The cheapest way to make a change: on SQLite, on the
+        event loop's thread with no session (shared/db/direct.py; body is synchronous
+        and may run twice, its first run rolled back). Like transaction(), it holds the
+        write lock and, on PostgreSQL, takes the chain's lock before anything else."""
+        def chained(tx: Statements) -> T:
+            if tx.dialect == "postgresql":
+                tx.rows(ADVISORY_XACT_LOCK, {"key": AUDIT_CHAIN_LOCK})
+            return body(tx)
+
+        async with self._lock:
+            return await self.direct.transaction(chained)
+
     async def record(self, entry: AuditEntry) -> None:
         """Append entry in a transaction of its own (refusals change nothing else)."""
-        async with self.transaction() as session:
-            await append_audit(session, entry)
+        await self.apply(lambda tx: add_audit(tx, entry))
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Select, bindparam, func, select
+from sqlalchemy import Select, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.audit import ALLOWED, AuditEntry, AuditTrail, append_audit
+from shared.audit import ALLOWED, AuditEntry, AuditTrail, add_audit
 from shared.db import models
-from shared.db.direct import mapped_columns, to_model
+from shared.db.direct import Statements, mapped_columns, to_model
 from shared.envelope import now_ms
 from shared.errors import ResourceExhausted
 from shared.pb.v1 import wire_pb2
@@ -61,15 +61,14 @@ async def outbox_depth(session: AsyncSession) -> int:
         select(func.count()).select_from(models.OutboxEntry))).scalar_one())
 
 
-def enqueue_report(session: AsyncSession, agent: models.Agent) -> wire_pb2.Agent:
-    """Queue the agent's new state for the hub that spawned it, in the change's
-    transaction: a change is never committed without its report, nor the reverse.
-    Returns the state queued."""
-    agent.report_seq = (agent.report_seq or 0) + 1
+def _enqueue_report(tx: Statements, agent: models.Agent) -> wire_pb2.Agent:
+    """Queue the agent's new state (its report_seq already counted up) for the hub that
+    spawned it, in the change's transaction: a change is never committed without its
+    report, nor the reverse. Returns the state queued."""
     state = to_wire(agent)
-    session.add(models.OutboxEntry(hub=agent.peer, agent_id=agent.agent_id,
-                                   seq=agent.report_seq, payload=state.SerializeToString(),
-                                   created_at_ms=now_ms()))
+    tx.run(_ADD_REPORT, {"hub": agent.peer, "agent_id": agent.agent_id,
+                         "seq": agent.report_seq, "payload": state.SerializeToString(),
+                         "created_at_ms": now_ms()})
     return state
 
 
@@ -85,8 +84,13 @@ class Quotas:
 # Built once: asked on every command about an agent, and on every change of one.
 _AGENT_KEYS, _AGENT_COLUMNS = mapped_columns(models.Agent)
 _BY_ID = select(*_AGENT_COLUMNS).where(models.Agent.agent_id == bindparam("b_agent"))
-_LIVE_BY_ID = (select(models.Agent).where(models.Agent.agent_id == bindparam("b_agent"))
-               .where(models.Agent.state.in_(sorted(LIVE_STATES))))
+# Spelled out, not IN (...): a statement built once takes no IN list (direct.py).
+_LIVE = or_(*(models.Agent.state == state for state in sorted(LIVE_STATES)))
+_LIVE_BY_ID = _BY_ID.where(_LIVE)
+_ADD_AGENT = insert(models.Agent)
+# The columns set are the parameters given besides b_agent.
+_CHANGE_AGENT = update(models.Agent).where(models.Agent.agent_id == bindparam("b_agent"))
+_ADD_REPORT = insert(models.OutboxEntry)
 
 
 class ScopedAgents:
@@ -125,23 +129,27 @@ class ScopedAgents:
         its quota."""
         if not current_scope().sees(agent.tenant, agent.workspace):
             raise RuntimeError("refusing to create an agent outside the active scope")
-        async with self._trail.transaction() as session:
-            await _check_quota(session, agent, quotas)
-            session.add(agent)
-            enqueue_report(session, agent)
-            await append_audit(session, entry)
+        agent.report_seq = 1
+        row = {key: getattr(agent, key) for key in _AGENT_KEYS}
+
+        def create(tx: Statements) -> None:
+            _check_quota(tx, agent, quotas)
+            tx.run(_ADD_AGENT, row)
+            _enqueue_report(tx, agent)
+            add_audit(tx, entry)
+
+        await self._trail.apply(create)
         self._trail.changed()
 
 
 # Live agents on the spoke, in a workspace, and of a template in a workspace; built once.
-_LIVE = models.Agent.state.in_(sorted(LIVE_STATES))
 _COUNT_LIVE = select(func.count()).select_from(models.Agent).where(_LIVE)
 _COUNT_IN_WS = _COUNT_LIVE.where(models.Agent.tenant == bindparam("b_tenant"),
                                  models.Agent.workspace == bindparam("b_ws"))
 _COUNT_OF_TEMPLATE = _COUNT_IN_WS.where(models.Agent.template == bindparam("b_template"))
 
 
-async def _check_quota(session: AsyncSession, agent: models.Agent, quotas: Quotas) -> None:
+def _check_quota(tx: Statements, agent: models.Agent, quotas: Quotas) -> None:
     checks = [(quotas.spoke, _COUNT_LIVE, "this spoke"),
               (quotas.workspace, _COUNT_IN_WS, f"workspace '{agent.workspace}'"),
               (quotas.template, _COUNT_OF_TEMPLATE,
@@ -149,9 +157,9 @@ async def _check_quota(session: AsyncSession, agent: models.Agent, quotas: Quota
     for limit, count, what in checks:
         if limit is None:
             continue
-        running = (await session.execute(count, {
-            "b_tenant": agent.tenant, "b_ws": agent.workspace,
-            "b_template": agent.template})).scalar_one()
+        found = tx.first(count, {"b_tenant": agent.tenant, "b_ws": agent.workspace,
+                                 "b_template": agent.template})
+        running = found[0] if found else 0
         if running >= limit:
             # The spoke-wide count spans tenants: say it is full, never how full.
             detail = (f"is at its capacity ({limit} agents)" if what == "this spoke"
@@ -189,18 +197,24 @@ class AgentLedger:
                     **values: object) -> wire_pb2.Agent | None:
         """Change a live agent and audit it in one transaction, returning its new state;
         final agents stay as they are (None)."""
-        async with self._trail.transaction() as session:
-            agent = (await session.execute(
-                _LIVE_BY_ID, {"b_agent": agent_id})).scalar_one_or_none()
-            if agent is None:
+        def move(tx: Statements) -> wire_pb2.Agent | None:
+            row = tx.first(_LIVE_BY_ID, {"b_agent": agent_id})
+            if row is None:
                 return None
-            for key, value in values.items():
-                setattr(agent, key, value)
-            state = enqueue_report(session, agent)
-            await append_audit(session, AuditEntry(
+            now = {**dict(zip(_AGENT_KEYS, row, strict=True)), **values}
+            now["report_seq"] = (now["report_seq"] or 0) + 1
+            tx.run(_CHANGE_AGENT, {"b_agent": agent_id, "report_seq": now["report_seq"],
+                                   **values})
+            agent = to_model(models.Agent, _AGENT_KEYS, [now[key] for key in _AGENT_KEYS])
+            state = _enqueue_report(tx, agent)
+            add_audit(tx, AuditEntry(
                 action=action, outcome=ALLOWED, tenant=agent.tenant,
                 workspace=agent.workspace, principal=by, peer=agent.peer if by else "",
                 target=agent_id, message_id=message_id,
                 reason=f"{values['state']}: {values['reason']}"))
-        self._trail.changed()
+            return state
+
+        state = await self._trail.apply(move)
+        if state is not None:
+            self._trail.changed()
         return state

@@ -22,8 +22,15 @@ event loop's thread:
   meets a writer of another process (the CLI), and then goes through the engine as a
   read would. Its commit counts towards sqlite_driver's checkpoints.
 
+- Transactions: `transaction(body)` runs a function's statements between BEGIN
+  IMMEDIATE and COMMIT on that connection. body is synchronous, so nothing else on the
+  loop runs (or reads this connection) while the transaction is open. Where SQLite
+  would wait (at BEGIN, at a statement, at COMMIT), everything is rolled back and body
+  runs again through the engine.
+
 On PostgreSQL (and in-memory SQLite) every call goes through the engine, as Core: a
-connection from the pool, no session. ADR 0019 records the decision.
+connection from the pool, no session. ADR 0019 records the decision; ADR 0020 the
+transactions.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import inspect
+from sqlalchemy import Connection, inspect
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.sql import ClauseElement, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -43,6 +50,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from shared.db import sqlite_driver
 
 M = TypeVar("M")
+T = TypeVar("T")
 
 Row = tuple[Any, ...]
 _Params = Mapping[str, Any]
@@ -72,6 +80,75 @@ class _Prepared:
             return rows
         return [tuple(v if c is None or v is None else c(v)
                       for v, c in zip(row, self.columns, strict=True)) for row in rows]
+
+
+class Statements:
+    """The statements of one transaction: what a body given to Direct.transaction
+    runs."""
+
+    dialect: str
+
+    def rows(self, statement: Executable, params: _Params | None = None) -> list[Row]:
+        """Every row the statement returns, as tuples in its column order."""
+        return self._run(statement, params or {}, fetch=True)[1]
+
+    def first(self, statement: Executable, params: _Params | None = None) -> Row | None:
+        found = self.rows(statement, params)
+        return found[0] if found else None
+
+    def run(self, statement: Executable, params: _Params | None = None) -> int:
+        """Run a changing statement; how many rows it changed."""
+        return self._run(statement, params or {}, fetch=False)[0]
+
+    def _run(self, statement: Executable, params: _Params, *, fetch: bool
+             ) -> tuple[int, list[Row]]:
+        raise NotImplementedError
+
+
+class _Here(Statements):
+    """On the SQLite connection of a Direct, on the loop's thread."""
+
+    def __init__(self, direct: Direct, conn: sqlite3.Connection) -> None:
+        self._direct = direct
+        self._conn = conn
+        self.dialect = direct.dialect
+
+    def _run(self, statement: Executable, params: _Params, *, fetch: bool
+             ) -> tuple[int, list[Row]]:
+        prepared = self._direct._prepare(statement, params)
+        try:
+            cursor = self._conn.execute(prepared.sql, prepared.arguments(params))
+            return cursor.rowcount, prepared.convert(cursor.fetchall()) if fetch else []
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode in sqlite_driver.WOULD_WAIT:
+                raise _WouldWait from exc
+            raise
+
+
+class _Through(Statements):
+    """On an engine's (synchronous) connection: on PostgreSQL, or where SQLite would
+    wait (it waits in the connection's thread)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self.dialect = conn.dialect.name
+
+    def _run(self, statement: Executable, params: _Params, *, fetch: bool
+             ) -> tuple[int, list[Row]]:
+        result = self._conn.execute(statement, dict(params))
+        if fetch:
+            return -1, [tuple(row) for row in result]
+        return int(getattr(result, "rowcount", 0)), []
+
+
+def statements_on(conn: Connection) -> Statements:
+    """The Statements of the transaction conn is in (a session's connection, inside
+    AsyncSession.run_sync): for a body that must join a session's transaction."""
+    return _Through(conn)
+
+
+class _WouldWait(Exception):
+    """A statement of a transaction on the loop's thread would have to wait."""
 
 
 class Direct:
@@ -112,6 +189,39 @@ class Direct:
             return done[0]
         async with self._engine.begin() as conn:
             return int(getattr(await conn.execute(statement, params), "rowcount", 0))
+
+    async def transaction(self, body: Callable[[Statements], T]) -> T:
+        """Run body's statements in one write transaction and commit it; body's result.
+        The caller holds the daemon's write lock.
+
+        body is synchronous and changes nothing but through its Statements: it may run
+        twice, its first run rolled back, when SQLite would have had to wait.
+        """
+        conn = self._connection()
+        if conn is not None:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = body(_Here(self, conn))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except _WouldWait:
+                pass
+            except sqlite3.OperationalError as exc:
+                # BEGIN or COMMIT would have waited (COMMIT's transaction was rolled
+                # back above).
+                if exc.sqlite_errorcode not in sqlite_driver.WOULD_WAIT:
+                    raise
+            else:
+                if sqlite_driver.checkpoint_due():
+                    await asyncio.to_thread(_checkpoint, self._engine)
+                return result
+            self.detours += 1
+        async with self._engine.begin() as through:
+            return await through.run_sync(lambda sync: body(_Through(sync)))
 
     def close(self) -> None:
         self._local = False

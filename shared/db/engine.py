@@ -69,7 +69,11 @@ async def lock_for_transaction(session: AsyncSession, key: int) -> None:
     commit or rollback. SQLite needs nothing: it has one writer at a time, and a
     database there belongs to one daemon."""
     if is_postgres(session):
-        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        await session.execute(ADVISORY_XACT_LOCK, {"key": key})
+
+
+# PostgreSQL: wait for the advisory lock :key, held until the transaction ends.
+ADVISORY_XACT_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 
 
 # Advisory lock keys (any 64-bit numbers, fixed here once).

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db import models, sqlite_driver
-from shared.db.direct import Direct, direct_for, mapped_columns, to_model
+from shared.db.direct import Direct, Statements, direct_for, mapped_columns, to_model
 from shared.db.engine import dispose, make_engine, make_sessions
 from tests.databases import Templates, migrated_copy
 from tests.unit.holding import hold, ticks_while
@@ -181,3 +181,105 @@ async def test_after_dispose_statements_go_through_the_engine(sqlite_file: Path)
     assert direct._connection() is None
     assert await direct.first(select(models.SecurityEpoch.id)) == (1,)
     await engine.dispose()
+
+
+_TOKEN_ROW = {"token_sha256": "f" * 64, "name": "tok-6", "created_at_ms": 1,
+              "expires_at_ms": 2, "pending": True}
+
+
+async def test_a_transaction_commits_all_its_statements_or_none(
+        engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
+    await _add_token(sessions, "tok-5")
+    direct = direct_for(engine)
+
+    def both(tx: Statements) -> Any:
+        assert tx.run(_PEND, {"b_id": "tok-5", "b_p": False}) == 1
+        tx.run(insert(J), _TOKEN_ROW)
+        # A transaction reads what it wrote.
+        return tx.first(_TOKEN, {"b_id": "tok-5"}), tx.rows(_TOKEN, {"b_id": "tok-6"})
+
+    assert await direct.transaction(both) == (("tok-5", False, 2), [("tok-6", True, 2)])
+
+    def half(tx: Statements) -> None:
+        tx.run(_PEND, {"b_id": "tok-5", "b_p": True})
+        tx.run(delete(J).where(J.name == bindparam("b_id")), {"b_id": "tok-6"})
+        raise LookupError("refused half way")
+
+    with pytest.raises(LookupError, match="half way"):
+        await direct.transaction(half)
+    # Neither of half's statements stayed, on either backend.
+    assert await direct.rows(select(J.name, J.pending, J.expires_at_ms)
+                             .where(J.name.like("tok-%")).order_by(J.name)) == [
+        ("tok-5", False, 2), ("tok-6", True, 2)]
+    assert direct.detours == 0
+    async with sessions() as session:
+        assert (await session.execute(select(J.pending).where(J.name == "tok-5"))
+                ).scalar_one() is False
+
+
+async def test_a_transaction_another_writer_blocks_runs_in_the_engines_thread(
+        sqlite_file: Path) -> None:
+    engine = make_engine(f"sqlite+aiosqlite:///{sqlite_file}")
+    try:
+        direct = direct_for(engine)
+        runs = []
+
+        def count_up(tx: Statements) -> int:
+            runs.append(tx.dialect)
+            tx.run(_EPOCH_UP)
+            found = tx.first(_EPOCH)
+            assert found is not None
+            return int(found[0])
+
+        before = await direct.first(_EPOCH)
+        assert before is not None
+        # Its BEGIN IMMEDIATE would wait: nothing ran here; all of it waited there.
+        after, ticks = await _with_holder(sqlite_file, "BEGIN IMMEDIATE",
+                                          direct.transaction(count_up))
+        assert after == before[0] + 2  # the holder's increment, then this one's
+        assert runs == ["sqlite"]
+        assert direct.detours == 1
+        assert ticks >= 10
+    finally:
+        await dispose(engine)
+
+
+async def test_a_transaction_whose_commit_would_wait_runs_again_in_the_engines_thread(
+        sqlite_file: Path) -> None:
+    engine = make_engine(f"sqlite+aiosqlite:///{sqlite_file}")
+    try:
+        direct = direct_for(engine)
+        runs = 0
+
+        def count_up(tx: Statements) -> None:
+            nonlocal runs
+            runs += 1
+            tx.run(_EPOCH_UP)
+
+        before = await direct.first(_EPOCH)
+        assert before is not None
+        # In rollback-journal mode a commit waits for readers: here one holds the
+        # database for 0.3 s. The first run is rolled back; the second one waits.
+        direct._connection().execute("PRAGMA journal_mode=DELETE")  # type: ignore[union-attr]
+        held, release = threading.Event(), threading.Event()
+        reader = threading.Thread(target=hold, args=(
+            sqlite_file, "BEGIN", held, release, "SELECT value FROM security_epoch"))
+        reader.start()
+        try:
+            assert await asyncio.to_thread(held.wait, 10)
+            asyncio.get_running_loop().call_later(0.3, release.set)
+            _, ticks = await asyncio.wait_for(ticks_while(direct.transaction(count_up)), 10)
+        finally:
+            release.set()
+            await asyncio.to_thread(reader.join, 10)
+        assert runs == 2
+        assert direct.detours == 1
+        assert ticks >= 10
+        assert await direct.first(_EPOCH) == (before[0] + 1,)  # counted once
+    finally:
+        await dispose(engine)
+
+
+_EPOCH = select(models.SecurityEpoch.value).where(models.SecurityEpoch.id == 1)
+_EPOCH_UP = (update(models.SecurityEpoch).where(models.SecurityEpoch.id == 1)
+             .values(value=models.SecurityEpoch.value + 1))
