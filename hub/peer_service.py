@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 
 import grpc
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, select, update
 
 from hub.registry import HubRegistry
-from shared.audit import ALLOWED, AuditEntry, AuditTrail, append_audit
+from shared.audit import ALLOWED, AuditEntry, AuditTrail, add_audit
 from shared.db import models
+from shared.db.direct import Statements
 from shared.envelope import OpenedEnvelope, now_ms
 from shared.errors import InvalidArgument
 from shared.inbox import EnvelopeInbox
@@ -36,6 +36,13 @@ def _in_one_transaction(envelope: wire_pb2.Envelope) -> bool:
     return envelope.WhichOneof("body") in _IN_ONE_TRANSACTION
 
 
+# A spoke heard from; where it says it listens, and a move of that. Built once.
+_NAMED = models.Peer.name == bindparam("b_name")
+_HEARD_FROM = update(models.Peer).where(_NAMED).values(last_heartbeat_ms=bindparam("b_now"))
+_ADDRESS = select(models.Peer.address).where(_NAMED)
+_MOVED = update(models.Peer).where(_NAMED).values(address=bindparam("b_address"))
+
+
 class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
     def __init__(self, inbox: EnvelopeInbox, trail: AuditTrail, registry: HubRegistry) -> None:
         self._inbox = inbox
@@ -46,43 +53,43 @@ class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
         self, request: wire_pb2.SignedEnvelope, context: grpc.aio.ServicerContext
     ) -> wire_pb2.SignedEnvelope:
         return await self._inbox.deliver(
-            request, context, accepts=_ACCEPTS, answer=self._answer,
-            in_one_transaction=_in_one_transaction,
+            request, context, accepts=_ACCEPTS, answer=self._announced,
+            in_one_transaction=_in_one_transaction, answer_within=self._within,
             refusal="the hub's peer API takes only status reports, heartbeats and key "
                     "announcements")
 
-    async def _answer(self, opened: OpenedEnvelope,
-                      session: AsyncSession | None) -> wire_pb2.Response:
+    async def _announced(self, opened: OpenedEnvelope) -> wire_pb2.Response:
+        """A key announcement, in a transaction of its own."""
+        return await take_announcement(self._trail, opened)
+
+    def _within(self, opened: OpenedEnvelope, tx: Statements) -> wire_pb2.Response:
+        """A report or heartbeat, applied in the transaction that records it."""
         env = opened.envelope
-        if session is None:
-            # A key announcement, in a transaction of its own.
-            return await take_announcement(self._trail, opened)
         if env.WhichOneof("body") == "report":
-            changed = await self._registry.apply_report(session, env.sender,
-                                                        list(env.report.updates))
+            changed = self._registry.apply_report(tx, env.sender, list(env.report.updates))
             log.debug("report from %s: %d of %d updates applied", env.sender, changed,
                       len(env.report.updates))
         # Any verified message shows the spoke is alive, not only a heartbeat: a report
         # that arrives first after a restart must not leave the spoke OFFLINE.
-        await session.execute(update(models.Peer).where(
-            models.Peer.name == env.sender).values(last_heartbeat_ms=now_ms()))
+        tx.run(_HEARD_FROM, {"b_name": env.sender, "b_now": now_ms()})
         if env.WhichOneof("body") == "heartbeat" and env.heartbeat.address:
-            await self._follow_address(session, env.sender, env.heartbeat.address)
+            _follow_address(tx, env.sender, env.heartbeat.address)
         return wire_pb2.Response(ack=wire_pb2.Ack())
 
-    async def _follow_address(self, session: AsyncSession, spoke: str, address: str) -> None:
-        """A spoke says where it listens (it may have restarted on another port). Safe to
-        follow: the hub only ever accepts that spoke's pinned certificate there."""
-        try:
-            check_address(address)
-        except InvalidArgument:
-            log.warning("spoke %s advertised a malformed address %r; ignored", spoke, address)
-            return
-        peer = (await session.execute(
-            select(models.Peer).where(models.Peer.name == spoke))).scalar_one()
-        if peer.address != address:
-            log.info("spoke %s now at %s (was %s)", spoke, address, peer.address or "-")
-            await append_audit(session, AuditEntry(
-                action="peer.address", outcome=ALLOWED, peer=spoke, target=address,
-                reason=f"advertised in a heartbeat (was {peer.address or 'unset'})"))
-            peer.address = address
+
+def _follow_address(tx: Statements, spoke: str, address: str) -> None:
+    """A spoke says where it listens (it may have restarted on another port). Safe to
+    follow: the hub only ever accepts that spoke's pinned certificate there."""
+    try:
+        check_address(address)
+    except InvalidArgument:
+        log.warning("spoke %s advertised a malformed address %r; ignored", spoke, address)
+        return
+    row = tx.first(_ADDRESS, {"b_name": spoke})
+    was = row[0] if row is not None else ""
+    if row is not None and was != address:
+        log.info("spoke %s now at %s (was %s)", spoke, address, was or "-")
+        add_audit(tx, AuditEntry(
+            action="peer.address", outcome=ALLOWED, peer=spoke, target=address,
+            reason=f"advertised in a heartbeat (was {was or 'unset'})"))
+        tx.run(_MOVED, {"b_name": spoke, "b_address": address})

@@ -12,12 +12,11 @@ import logging
 from typing import Any
 
 from sqlalchemy import and_, bindparam, func, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.events import AgentEvents
-from shared.audit import AuditEntry, AuditTrail, add_audit, after_commit
+from shared.audit import AuditEntry, AuditTrail, add_audit
 from shared.db import models
-from shared.db.direct import Statements, mapped_columns, statements_on, to_model
+from shared.db.direct import Statements, mapped_columns, to_model
 from shared.envelope import now_ms
 from shared.pb.v1 import wire_pb2
 from shared.peers import ACTIVE
@@ -211,23 +210,19 @@ class HubRegistry:
 
         self._publish([await self._trail.apply(observe)])
 
-    async def apply_report(self, session: AsyncSession, spoke: str,
-                           updates: list[wire_pb2.AgentUpdate]) -> int:
-        """Apply a spoke's status report in session (an AuditTrail transaction); returns
-        how many updates changed something. Only agents this hub spawned on that spoke,
-        in their recorded tenant, count. Watchers hear of the changes once committed."""
-        agents = []
+    def apply_report(self, tx: Statements, spoke: str,
+                     updates: list[wire_pb2.AgentUpdate]) -> int:
+        """Apply a spoke's status report among tx's statements (an AuditTrail.apply
+        transaction); returns how many updates changed something. Only agents this hub
+        spawned on that spoke, in their recorded tenant, count. Watchers hear of the
+        changes once committed."""
+        applied = []
         for change in updates:
             agent = wire_pb2.Agent()
             agent.CopyFrom(change.agent)
             agent.seq = change.seq
-            agents.append(agent)
-
-        def apply(tx: Statements) -> list[wire_pb2.Agent | None]:
-            return [_apply(tx, spoke, agent, adopt_unknown=False) for agent in agents]
-
-        applied = await session.run_sync(lambda s: apply(statements_on(s.connection())))
-        after_commit(session, lambda: self._publish(applied))
+            applied.append(_apply(tx, spoke, agent, adopt_unknown=False))
+        tx.after_commit(lambda: self._publish(applied))
         return sum(a is not None for a in applied)
 
     def _publish(self, applied: list[wire_pb2.Agent | None]) -> None:

@@ -31,17 +31,6 @@ T = TypeVar("T")
 GENESIS = "0" * 64
 ALLOWED = "allowed"
 REFUSED = "refused"
-# session.info key: what to run once the session's AuditTrail transaction committed.
-_AFTER_COMMIT = "fleetwire.after_commit"
-
-
-def after_commit(session: AsyncSession, action: Callable[[], None]) -> None:
-    """Run action once the AuditTrail transaction session belongs to has committed
-    (never if it rolls back): telling watchers of a change that might not persist would
-    tell them something false."""
-    session.info.setdefault(_AFTER_COMMIT, []).append(action)
-
-
 @dataclass(frozen=True)
 class AuditEntry:
     """What happened, as the instance that decided it saw it."""
@@ -146,12 +135,9 @@ class AuditTrail:
         that transactions of two processes sharing the database always lock in the same
         order and never deadlock; they are serialised, as SQLite's are.
         """
-        async with self._lock, self._sessions() as session:
-            async with session.begin():
-                await lock_for_transaction(session, AUDIT_CHAIN_LOCK)
-                yield session
-            for action in session.info.pop(_AFTER_COMMIT, ()):
-                action()
+        async with self._lock, self._sessions() as session, session.begin():
+            await lock_for_transaction(session, AUDIT_CHAIN_LOCK)
+            yield session
 
     async def apply(self, body: Callable[[Statements], T]) -> T:
         """Run body's statements in one transaction, appending audit records with

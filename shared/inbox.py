@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 
 import grpc
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import REFUSED, AuditEntry, AuditTrail
+from shared.db.direct import Statements
 from shared.envelope import Keyring, OpenedEnvelope, open_envelope, seal_envelope
 from shared.errors import (
     EnvelopeRejected,
@@ -33,10 +33,11 @@ from shared.tls import fingerprint
 
 log = logging.getLogger(__name__)
 
-# The answer to an accepted message. Its session is the transaction that also records
-# the message id and the answer, for bodies the servicer applies in one transaction
-# (quick changes, such as a status report); None for the others.
-Answer = Callable[[OpenedEnvelope, AsyncSession | None], Awaitable[wire_pb2.Response]]
+# The answer to an accepted message.
+Answer = Callable[[OpenedEnvelope], Awaitable[wire_pb2.Response]]
+# The answer to a message the servicer applies among the statements of the transaction
+# that also records its id and answer (a quick change, such as a status report).
+AnswerWithin = Callable[[OpenedEnvelope, Statements], wire_pb2.Response]
 
 
 def _never(_: wire_pb2.Envelope) -> bool:
@@ -67,24 +68,27 @@ class EnvelopeInbox:
                       refusal: str, answer: Answer,
                       reads_only: Callable[[wire_pb2.Envelope], bool] = _never,
                       in_one_transaction: Callable[[wire_pb2.Envelope], bool] = _never,
+                      answer_within: AnswerWithin | None = None,
                       ) -> wire_pb2.SignedEnvelope:
         """The signed answer to one envelope; refusals end the RPC with their status.
 
         reads_only(envelope): the answer changes nothing, so the message id is recorded
-        after it, with it. in_one_transaction(envelope): the answer is given the
-        transaction that records the id and the answer, and makes its changes there.
+        after it, with it. in_one_transaction(envelope): answer_within gives the answer,
+        making its changes in the transaction that records the id and the answer.
         """
         async with self._view.checked() if self._view is not None else nullcontext():
             sealed = await self._deliver(request, context, accepts=accepts, refusal=refusal,
                                          answer=answer, reads_only=reads_only,
-                                         in_one_transaction=in_one_transaction)
+                                         in_one_transaction=in_one_transaction,
+                                         answer_within=answer_within)
         return wire_pb2.SignedEnvelope.FromString(sealed)
 
     async def _deliver(self, request: wire_pb2.SignedEnvelope,
                        context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
                        refusal: str, answer: Answer,
                        reads_only: Callable[[wire_pb2.Envelope], bool],
-                       in_one_transaction: Callable[[wire_pb2.Envelope], bool]) -> bytes:
+                       in_one_transaction: Callable[[wire_pb2.Envelope], bool],
+                       answer_within: AnswerWithin | None) -> bytes:
         # Which step a refusal came from, for the rejection metric.
         step = "malformed"
         try:
@@ -100,10 +104,11 @@ class EnvelopeInbox:
             # way: a spawn cut off after its record but before its process would be
             # found by the retry and taken as done. The work runs to its end apart from
             # the RPC, and its stored answer is what the retry gets.
-            if in_one_transaction(opened.envelope):
+            if answer_within is not None and in_one_transaction(opened.envelope):
+                within = answer_within
                 handling = self._memory.once_within(
-                    opened, lambda session: self._sealed(opened, answer, session),
-                    self._trail.transaction)
+                    opened, lambda tx: self._seal(opened, within(opened, tx)),
+                    self._trail.apply)
             else:
                 handling = self._memory.once(opened, lambda: self._sealed(opened, answer),
                                              reads_only=reads_only(opened.envelope))
@@ -121,10 +126,11 @@ class EnvelopeInbox:
             await abort(context, err)
         return sealed
 
-    async def _sealed(self, opened: OpenedEnvelope, answer: Answer,
-                      session: AsyncSession | None = None) -> bytes:
+    async def _sealed(self, opened: OpenedEnvelope, answer: Answer) -> bytes:
+        return self._seal(opened, await answer(opened))
+
+    def _seal(self, opened: OpenedEnvelope, response: wire_pb2.Response) -> bytes:
         env = opened.envelope
-        response = await answer(opened, session)
         return seal_envelope(self._identity, recipient=env.sender, response=response,
                              in_reply_to=env.message_id).SerializeToString()
 

@@ -6,8 +6,8 @@ import asyncio
 import hashlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, cast
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, bindparam, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -15,8 +15,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import models
-from shared.db.direct import direct_for
-from shared.db.engine import is_postgres
+from shared.db.direct import Statements, direct_for
 from shared.envelope import OpenedEnvelope, now_ms
 from shared.errors import Unauthenticated, Unavailable
 from shared.pb.v1 import wire_pb2
@@ -35,19 +34,22 @@ _INSERT_NEW = {"postgresql": pg_insert(_SEEN).on_conflict_do_nothing(),
                "sqlite": sqlite_insert(_SEEN).on_conflict_do_nothing()}
 
 
-async def _insert_new(session: AsyncSession, **row: Any) -> bool:
-    """Insert a seen_messages row unless its id is there: True if this one inserted it.
-    Of processes sharing the database that insert an id at once, exactly one does; the
-    others read its row."""
-    insert = _INSERT_NEW["postgresql" if is_postgres(session) else "sqlite"]
-    result = await session.execute(insert, row)
-    return bool(getattr(result, "rowcount", 0) == 1)
-
-
-# A message's digest and answer, read by Direct when a query's id was there already.
-_SEEN_ROW = (select(models.SeenMessage.envelope_sha256, models.SeenMessage.response)
+# A message's digest and answer, and who claimed it when: read when its id was there
+# already (a retry, a replay, a claim to take over).
+_SEEN_ROW = (select(models.SeenMessage.envelope_sha256, models.SeenMessage.response,
+                    models.SeenMessage.claimed_by, models.SeenMessage.received_at_ms)
              .where(models.SeenMessage.sender == bindparam("b_sender"),
                     models.SeenMessage.message_id == bindparam("b_id")))
+# Taking over a claim nobody answered, from no owner or from the owner b_was.
+_UNANSWERED = (models.SeenMessage.sender == bindparam("b_sender"),
+               models.SeenMessage.message_id == bindparam("b_id"),
+               models.SeenMessage.response.is_(None))
+_TAKE_UNOWNED = (update(models.SeenMessage)
+                 .where(*_UNANSWERED, models.SeenMessage.claimed_by.is_(None))
+                 .values(claimed_by=bindparam("b_owner"), received_at_ms=bindparam("b_now")))
+_TAKE_FROM = (update(models.SeenMessage)
+              .where(*_UNANSWERED, models.SeenMessage.claimed_by == bindparam("b_was"))
+              .values(claimed_by=bindparam("b_owner"), received_at_ms=bindparam("b_now")))
 
 
 # A message this process claimed: its answer stored, or its claim freed. Built once.
@@ -55,10 +57,12 @@ _CLAIMED_HERE = (models.SeenMessage.sender == bindparam("b_sender"),
                  models.SeenMessage.message_id == bindparam("b_id"),
                  models.SeenMessage.claimed_by == bindparam("b_owner"))
 _ANSWERED = (update(models.SeenMessage).where(*_CLAIMED_HERE)
-             .values(response=bindparam("b_response"), claimed_by=None)
-             .execution_options(synchronize_session=False))
-_FREE = (delete(models.SeenMessage).where(*_CLAIMED_HERE)
-         .execution_options(synchronize_session=False))
+             .values(response=bindparam("b_response"), claimed_by=None))
+_FREE = delete(models.SeenMessage).where(*_CLAIMED_HERE)
+
+T = TypeVar("T")
+# How a transaction is run: AuditTrail.apply (under the daemon's write lock).
+Apply = Callable[[Callable[[Statements], T]], Awaitable[T]]
 
 
 class MessageMemory:
@@ -130,24 +134,27 @@ class MessageMemory:
             if users[0] == 0:
                 del self._inflight[key]
 
-    async def once_within(
-        self, opened: OpenedEnvelope, handle: Callable[[AsyncSession], Awaitable[bytes]],
-        transaction: Callable[[], AbstractAsyncContextManager[AsyncSession]],
-    ) -> bytes:
-        """once(), with handle() run inside the transaction that claims the id and
-        stores the answer: the id, what handle() changed and the answer are committed
-        together or not at all (one transaction instead of three). For quick handlers
-        only (a status report): the daemon's write lock is held throughout."""
+    async def once_within(self, opened: OpenedEnvelope,
+                          handle: Callable[[Statements], bytes], apply: Apply[bytes]
+                          ) -> bytes:
+        """once(), with handle() run among the statements of the transaction that claims
+        the id and stores the answer (run by apply: AuditTrail.apply): the id, what
+        handle() changed and the answer are committed together or not at all. For quick
+        handlers only (a status report): the daemon's write lock is held throughout."""
         env = opened.envelope
         digest = hashlib.sha256(opened.raw).hexdigest()
-        async with self._alone(env), transaction() as session:
-            stored = await self._claim_in(session, env.sender, env.message_id, digest)
+
+        def within(tx: Statements) -> bytes:
+            stored = self._claim_in(tx, env.sender, env.message_id, digest)
             if stored is not None:
                 return stored
-            answer = await handle(session)
-            await session.execute(_ANSWERED, {
-                **self._mine(env.sender, env.message_id), "b_response": answer})
+            answer = handle(tx)
+            tx.run(_ANSWERED, {**self._mine(env.sender, env.message_id),
+                               "b_response": answer})
             return answer
+
+        async with self._alone(env):
+            return await apply(within)
 
     async def _answer_read(self, sender: str, message_id: str, digest: str,
                            handle: Callable[[], Awaitable[bytes]]) -> bytes:
@@ -183,51 +190,44 @@ class MessageMemory:
         handle it), or return the stored answer; refuse a replay, or a duplicate another
         process is handling."""
         async with self._write_lock:
-            # Almost always the id is new: one statement. Otherwise the row decides, in
-            # a transaction (a retry, a replay, or a claim to take over).
-            if await self._insert(sender=sender, message_id=message_id,
-                                  envelope_sha256=digest, response=None,
-                                  received_at_ms=now_ms(), claimed_by=self.owner):
-                return None
-            async with self._sessions() as session, session.begin():
-                return await self._claim_in(session, sender, message_id, digest)
+            return await self._direct.transaction(
+                lambda tx: self._claim_in(tx, sender, message_id, digest))
 
-    async def _claim_in(self, session: AsyncSession, sender: str, message_id: str,
-                        digest: str) -> bytes | None:
-        """_claim, in the caller's transaction."""
-        m = models.SeenMessage
+    def _claim_in(self, tx: Statements, sender: str, message_id: str, digest: str
+                  ) -> bytes | None:
+        """_claim, among the statements of the caller's transaction. Almost always the id
+        is new: one statement. Otherwise its row decides (a retry, a replay, or a claim
+        to take over). Of processes sharing the database that insert an id at once,
+        exactly one does; the others read its row."""
         now = now_ms()
-        if await _insert_new(session, sender=sender, message_id=message_id,
-                             envelope_sha256=digest, response=None,
-                             received_at_ms=now, claimed_by=self.owner):
+        if tx.run(_INSERT_NEW[tx.dialect], {
+                "sender": sender, "message_id": message_id, "envelope_sha256": digest,
+                "response": None, "received_at_ms": now, "claimed_by": self.owner}) == 1:
             return None
-        seen = await session.get(m, (sender, message_id))
+        seen = tx.first(_SEEN_ROW, {"b_sender": sender, "b_id": message_id})
         if seen is None:
             raise Unavailable(f"message {message_id} was claimed and freed "
                               "concurrently; retry shortly")
-        if seen.envelope_sha256 != digest:
+        seen_digest, response, claimed_by, received_at_ms = seen
+        if seen_digest != digest:
             raise Unauthenticated(
                 f"envelope rejected: message_id '{message_id}' was already used with "
                 "other content (replay)")
-        if seen.response is not None:
-            return seen.response
+        if response is not None:
+            return cast(bytes, response)
         # Claimed but not answered. In this process nobody holds it (the lock above),
         # so a claim of ours or one without an owner was left by a stop mid-way; on
         # SQLite, whose database belongs to one daemon, so was any other. Handlers are
         # idempotent per message (a spawn by its agent id): handle it again.
-        abandoned = (seen.claimed_by in (None, self.owner)
-                     or not is_postgres(session)
-                     or now - seen.received_at_ms > self._takeover_after_ms)
+        abandoned = (claimed_by in (None, self.owner) or tx.dialect != "postgresql"
+                     or now - received_at_ms > self._takeover_after_ms)
         if not abandoned:
             raise Unavailable(f"message {message_id} is being handled by another "
                               "process sharing this instance's database; retry shortly")
-        taken = await session.execute(
-            update(m).where(m.sender == sender, m.message_id == message_id,
-                            m.response.is_(None),
-                            m.claimed_by.is_(None) if seen.claimed_by is None
-                            else m.claimed_by == seen.claimed_by)
-            .values(claimed_by=self.owner, received_at_ms=now))
-        if getattr(taken, "rowcount", 0) != 1:
+        take = {"b_sender": sender, "b_id": message_id, "b_owner": self.owner, "b_now": now}
+        taken = (tx.run(_TAKE_UNOWNED, take) if claimed_by is None
+                 else tx.run(_TAKE_FROM, {**take, "b_was": claimed_by}))
+        if taken != 1:
             raise Unavailable(f"message {message_id} was taken over concurrently; "
                               "retry shortly")
         return None

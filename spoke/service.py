@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import grpc
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import AuditTrail
 from shared.envelope import OpenedEnvelope
@@ -36,8 +35,7 @@ class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
             request, context, accepts=_ACCEPTS, answer=self._answer, reads_only=_is_query,
             refusal="this spoke accepts only commands and key announcements")
 
-    async def _answer(self, opened: OpenedEnvelope,
-                      _session: AsyncSession | None) -> wire_pb2.Response:
+    async def _answer(self, opened: OpenedEnvelope) -> wire_pb2.Response:
         env = opened.envelope
         if env.WhichOneof("body") == "key_announcement":
             return await take_announcement(self._trail, opened)

@@ -87,6 +87,14 @@ class Statements:
     runs."""
 
     dialect: str
+    # What to run once the transaction committed (never if it rolled back).
+    committed: list[Callable[[], None]]
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run action once this transaction has committed (never if it rolls back):
+        telling watchers of a change that might not persist would tell them something
+        false."""
+        self.committed.append(action)
 
     def rows(self, statement: Executable, params: _Params | None = None) -> list[Row]:
         """Every row the statement returns, as tuples in its column order."""
@@ -112,6 +120,7 @@ class _Here(Statements):
         self._direct = direct
         self._conn = conn
         self.dialect = direct.dialect
+        self.committed = []
 
     def _run(self, statement: Executable, params: _Params, *, fetch: bool
              ) -> tuple[int, list[Row]]:
@@ -132,6 +141,7 @@ class _Through(Statements):
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self.dialect = conn.dialect.name
+        self.committed = []
 
     def _run(self, statement: Executable, params: _Params, *, fetch: bool
              ) -> tuple[int, list[Row]]:
@@ -139,12 +149,6 @@ class _Through(Statements):
         if fetch:
             return -1, [tuple(row) for row in result]
         return int(getattr(result, "rowcount", 0)), []
-
-
-def statements_on(conn: Connection) -> Statements:
-    """The Statements of the transaction conn is in (a session's connection, inside
-    AsyncSession.run_sync): for a body that must join a session's transaction."""
-    return _Through(conn)
 
 
 class _WouldWait(Exception):
@@ -202,7 +206,8 @@ class Direct:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    result = body(_Here(self, conn))
+                    here = _Here(self, conn)
+                    result = body(here)
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
@@ -216,12 +221,18 @@ class Direct:
                 if exc.sqlite_errorcode not in sqlite_driver.WOULD_WAIT:
                     raise
             else:
+                _run_all(here.committed)
                 if sqlite_driver.checkpoint_due():
                     await asyncio.to_thread(_checkpoint, self._engine)
                 return result
             self.detours += 1
-        async with self._engine.begin() as through:
-            return await through.run_sync(lambda sync: body(_Through(sync)))
+        async with self._engine.begin() as engine_conn:
+            sync = engine_conn.sync_connection
+            assert sync is not None
+            through = _Through(sync)
+            result = await engine_conn.run_sync(lambda _: body(through))
+        _run_all(through.committed)
+        return result
 
     def close(self) -> None:
         self._local = False
@@ -288,6 +299,11 @@ def _compile(statement: Executable, engine: AsyncEngine, keys: Sequence[str]) ->
         binds=tuple(processors.get(n) for n in names),  # type: ignore[misc]
         columns=tuple(c.type._cached_result_processor(dialect, None)
                       for c in compiled._result_columns))
+
+
+def _run_all(actions: list[Callable[[], None]]) -> None:
+    for action in actions:
+        action()
 
 
 def _is_file(engine: AsyncEngine) -> bool:

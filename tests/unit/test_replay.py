@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select, update
 
-from shared.audit import AuditEntry, AuditTrail, after_commit, append_audit
+from shared.audit import AuditEntry, AuditTrail, add_audit
 from shared.db import models
 from shared.db.engine import make_sessions
 from shared.envelope import (
@@ -385,13 +385,13 @@ async def test_once_within_commits_the_change_with_the_id_and_answer(sessions, h
         signed.SerializeToString()), keyring=keyring, me=SPOKE)
     calls = []
 
-    async def record(session) -> bytes:
+    def record(tx) -> bytes:
         calls.append(1)
-        await append_audit(session, AuditEntry(action="test.change", outcome="allowed"))
+        add_audit(tx, AuditEntry(action="test.change", outcome="allowed"))
         return b"acked"
 
-    assert await memory.once_within(first, record, trail.transaction) == b"acked"
-    assert await memory.once_within(again, record, trail.transaction) == b"acked"
+    assert await memory.once_within(first, record, trail.apply) == b"acked"
+    assert await memory.once_within(again, record, trail.apply) == b"acked"
     assert calls == [1]
     async with sessions() as s:
         row = await s.get(models.SeenMessage, ("hub-1", "r1"))
@@ -403,7 +403,7 @@ async def test_once_within_commits_the_change_with_the_id_and_answer(sessions, h
 
     forged = await sealed_and_opened(hub, keyring, message_id="r1", tenant="other")
     with pytest.raises(Unauthenticated, match="replay"):
-        await memory.once_within(forged, record, trail.transaction)
+        await memory.once_within(forged, record, trail.apply)
     assert calls == [1]
 
 
@@ -414,13 +414,13 @@ async def test_once_within_a_failing_handler_leaves_neither_change_nor_id(sessio
     opened = await sealed_and_opened(hub, keyring, message_id="r2")
     published = []
 
-    async def fail_after_change(session) -> bytes:
-        await append_audit(session, AuditEntry(action="test.change", outcome="allowed"))
-        after_commit(session, lambda: published.append("told"))
+    def fail_after_change(tx) -> bytes:
+        add_audit(tx, AuditEntry(action="test.change", outcome="allowed"))
+        tx.after_commit(lambda: published.append("told"))
         raise RuntimeError("registry broke")
 
     with pytest.raises(RuntimeError, match="registry broke"):
-        await memory.once_within(opened, fail_after_change, trail.transaction)
+        await memory.once_within(opened, fail_after_change, trail.apply)
     assert await row_count(sessions) == 0
     async with sessions() as s:
         assert (await s.execute(select(func.count()).select_from(models.AuditRecord))
@@ -428,9 +428,9 @@ async def test_once_within_a_failing_handler_leaves_neither_change_nor_id(sessio
     # Nothing committed, so nobody was told; the id is free for the retry.
     assert published == []
 
-    async def succeed(session) -> bytes:
-        after_commit(session, lambda: published.append("told"))
+    def succeed(tx) -> bytes:
+        tx.after_commit(lambda: published.append("told"))
         return b"second-time"
 
-    assert await memory.once_within(opened, succeed, trail.transaction) == b"second-time"
+    assert await memory.once_within(opened, succeed, trail.apply) == b"second-time"
     assert published == ["told"]
