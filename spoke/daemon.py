@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -30,6 +31,9 @@ from spoke.commands import SpokeCommands
 from spoke.reporter import StatusReporter
 from spoke.service import SpokeService
 from spoke.store import agents_by_state, outbox_depth
+from spoke.supervisor import raise_open_file_limit
+
+log = logging.getLogger(__name__)
 
 
 async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
@@ -41,6 +45,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         refuse_plaintext_off_loopback(listen, "the spoke's command API")
     metrics = Metrics()
     metrics_at = metrics.serve(metrics_listen) if metrics_listen else ""
+    log.info("open files: at most %d (one per live agent is held)", raise_open_file_limit())
     engine = make_engine(cfg.db_url)
     sessions = make_sessions(engine)
     certs = await peer_certs(cfg, sessions, insecure)

@@ -160,15 +160,29 @@ def agent_processes(root_pid: int, root_start: int, agent_id: str,
     return list(members.values())
 
 
-async def wait_exit(pid: int, recorded_start: int) -> None:
+NO_PIDFD_POLL_SECONDS = 0.05
+
+
+def _is_running(pid: int, recorded_start: int | None) -> bool:
+    started = start_time(pid)
+    return started is not None and recorded_start in (None, started)
+
+
+async def wait_exit(pid: int, recorded_start: int | None) -> None:
     """Wait until this process (pid and start time) has exited; works for non-children,
-    since a pidfd becomes readable when its process ends."""
+    since a pidfd becomes readable when its process ends. recorded_start None: pid is
+    a child of this process not yet reaped, which no other process can have."""
     try:
         fd = os.pidfd_open(pid)
-    except (ProcessLookupError, OSError):
+    except ProcessLookupError:
+        return
+    except OSError:
+        # No pidfd to be had (out of open files): look again every so often instead.
+        while _is_running(pid, recorded_start):  # noqa: ASYNC110 (nothing to wait on)
+            await asyncio.sleep(NO_PIDFD_POLL_SECONDS)
         return
     try:
-        if start_time(pid) != recorded_start:
+        if not _is_running(pid, recorded_start):
             return
         loop = asyncio.get_running_loop()
         gone: asyncio.Future[None] = loop.create_future()

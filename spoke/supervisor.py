@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +31,19 @@ POLL_SECONDS = 0.05
 FIRST_POLL_SECONDS = 0.002
 # After SIGKILL, how long to keep sweeping for processes that forked meanwhile.
 KILL_SWEEP_SECONDS = 5.0
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit, and return it: the
+    spoke waits for each live agent on a pidfd, one open file per agent (the way
+    Python 3.12 and later watch children themselves). The soft limit is 1,024 on many
+    systems for the sake of select(); nothing here uses select()."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+    return soft
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,7 @@ Recorded = TypeVar("Recorded")
 class _Running(Generic[Recorded]):
     spec: LaunchSpec
     # None for an agent adopted after a restart: not our child, watched through /proc.
-    proc: asyncio.subprocess.Process | None
+    proc: subprocess.Popen[bytes] | None
     launched: Launched
     runtime_left: float
     kill_reason: str = ""
@@ -104,9 +119,13 @@ class AgentSupervisor(Generic[Recorded]):
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *launch_argv(spec),
-                stdin=asyncio.subprocess.DEVNULL,
+            # Not asyncio's subprocess: its watcher starts a thread per child on Python
+            # 3.11 (half of a launch here), and its transport kills a child still running
+            # when it is collected, as at a spoke's shutdown; agents outlive their spoke.
+            # The exit is waited for on a pidfd (_first_process_gone).
+            proc = subprocess.Popen(  # noqa: ASYNC220 (as asyncio's own exec does)
+                launch_argv(spec),
+                stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
                 cwd=spec.workdir,
@@ -171,7 +190,10 @@ class AgentSupervisor(Generic[Recorded]):
     async def _first_process_gone(run: _Running[Any]) -> int | None:
         """The exit code of our child, or None for an adopted agent (not ours to reap)."""
         if run.proc is not None:
-            return await run.proc.wait()
+            # Our child, not yet reaped: its pid cannot be another's meanwhile.
+            while (code := run.proc.poll()) is None:
+                await procfs.wait_exit(run.proc.pid, None)
+            return code
         await procfs.wait_exit(run.launched.pid, run.launched.start_time)
         return None
 
