@@ -34,9 +34,10 @@ class Role(enum.IntEnum):
 
     @classmethod
     def from_wire(cls, value: int) -> Role:
-        if value not in (r.value for r in cls):
-            raise InvalidArgument("command carries no valid principal role")
-        return cls(value)
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidArgument("command carries no valid principal role") from None
 
     @property
     def label(self) -> str:
