@@ -31,6 +31,8 @@ T = TypeVar("T")
 GENESIS = "0" * 64
 ALLOWED = "allowed"
 REFUSED = "refused"
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     """What happened, as the instance that decided it saw it."""
