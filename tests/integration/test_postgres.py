@@ -18,7 +18,7 @@ import pytest
 from hub.client import HubClient
 from hub.demo import FLEETWIRE, Daemon
 from shared.errors import NotFound
-from shared.pb.v1 import operator_pb2
+from shared.pb.v1 import operator_pb2, wire_pb2
 from shared.scope import Role
 from tests.conftest import Federation, build_federation
 from tests.databases import create_database, drop_database, postgres_url
@@ -169,6 +169,38 @@ async def test_two_hubs_writing_at_once_keep_one_audit_chain_and_the_token_limit
     assert sum(r["action"] == "token.create" and "many" in r["reason"]
                for r in records) == 12  # type: ignore[union-attr,index]
     verify = await asyncio.to_thread(fleetwire, "audit", "verify", "--home", str(home))
+    assert verify.returncode == 0, verify.stderr
+
+
+async def test_two_hubs_spawning_killing_and_issuing_at_once_keep_one_audit_chain(
+        two_hubs: TwoHubs) -> None:
+    """Spawns, kills and token creations through both processes at once: the registry's
+    Core transactions (ADR 0020) and the token sessions all take the chain's lock first,
+    so nothing deadlocks and the chain stays one."""
+    fed = two_hubs.federation
+    token, admin = fed.tokens["acme"], fed.tokens["acme-admin"]
+    async with HubClient(two_hubs.first.address, token) as first, \
+            HubClient(two_hubs.second.address, token) as second, \
+            HubClient(two_hubs.first.address, admin) as first_admin, \
+            HubClient(two_hubs.second.address, admin) as second_admin:
+        async def spawn(client: HubClient) -> str:
+            agent = await client.spawn(spoke="spoke-a", workspace="research",
+                                       template="sleeper", task="at-once", params={})
+            return agent.agent_id
+
+        made = await asyncio.wait_for(asyncio.gather(
+            *(spawn(client) for client in (first, second) * 6),
+            *(client.create_token(f"at-once-{n}", Role.VIEWER)
+              for n, client in enumerate((first_admin, second_admin) * 2))), 60)
+        agent_ids = [m for m in made if isinstance(m, str)]
+        assert len(set(agent_ids)) == 12
+        # Each killed through the hub it was not spawned through.
+        killed = await asyncio.wait_for(asyncio.gather(*(
+            (second if n % 2 == 0 else first).kill(agent_id)
+            for n, agent_id in enumerate(agent_ids))), 60)
+    assert {k.state for k in killed} == {wire_pb2.AGENT_STATE_KILLED}
+    verify = await asyncio.to_thread(fleetwire, "audit", "verify", "--home",
+                                     str(fed.home(two_hubs.first.name)))
     assert verify.returncode == 0, verify.stderr
 
 
