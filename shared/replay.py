@@ -7,7 +7,7 @@ import hashlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -28,10 +28,19 @@ TAKEOVER_AFTER_MS = 10 * 60 * 1000
 FORGET_CHUNK = 1000
 
 
-# INSERT ... ON CONFLICT DO NOTHING of a seen_messages row, per dialect; built once.
+# INSERT ... ON CONFLICT DO NOTHING of a seen_messages row, per dialect; built once. Of
+# processes sharing the database that insert an id at once, exactly one does; the
+# others read its row.
 _SEEN = cast(Table, models.SeenMessage.__table__)
 _INSERT_NEW = {"postgresql": pg_insert(_SEEN).on_conflict_do_nothing(),
                "sqlite": sqlite_insert(_SEEN).on_conflict_do_nothing()}
+
+
+def _new_row(sender: str, message_id: str, digest: str, *, response: bytes | None,
+             claimed_by: str | None, at_ms: int) -> dict[str, Any]:
+    """The parameters of _INSERT_NEW."""
+    return {"sender": sender, "message_id": message_id, "envelope_sha256": digest,
+            "response": response, "received_at_ms": at_ms, "claimed_by": claimed_by}
 
 
 # A message's digest and answer, and who claimed it when: read when its id was there
@@ -60,9 +69,8 @@ _ANSWERED = (update(models.SeenMessage).where(*_CLAIMED_HERE)
              .values(response=bindparam("b_response"), claimed_by=None))
 _FREE = delete(models.SeenMessage).where(*_CLAIMED_HERE)
 
-T = TypeVar("T")
 # How a transaction is run: AuditTrail.apply (under the daemon's write lock).
-Apply = Callable[[Callable[[Statements], T]], Awaitable[T]]
+Apply = Callable[[Callable[[Statements], bytes]], Awaitable[bytes]]
 
 
 class MessageMemory:
@@ -135,7 +143,7 @@ class MessageMemory:
                 del self._inflight[key]
 
     async def once_within(self, opened: OpenedEnvelope,
-                          handle: Callable[[Statements], bytes], apply: Apply[bytes]
+                          handle: Callable[[Statements], bytes], apply: Apply
                           ) -> bytes:
         """once(), with handle() run among the statements of the transaction that claims
         the id and stores the answer (run by apply: AuditTrail.apply): the id, what
@@ -163,10 +171,10 @@ class MessageMemory:
         stored answer; other bytes under a known id are refused as a replay, after the
         query ran: a query changes nothing, so nothing was done twice."""
         answer = await handle()
+        row = _new_row(sender, message_id, digest, response=answer, claimed_by=None,
+                       at_ms=now_ms())
         async with self._write_lock:
-            if await self._insert(sender=sender, message_id=message_id,
-                                  envelope_sha256=digest, response=answer,
-                                  received_at_ms=now_ms(), claimed_by=None):
+            if await self._direct.write(_INSERT_NEW[self._direct.dialect], row) == 1:
                 return answer
         seen = await self._direct.first(_SEEN_ROW, {"b_sender": sender, "b_id": message_id})
         if seen is not None and seen[0] != digest:
@@ -176,10 +184,6 @@ class MessageMemory:
         # A retry: the first answer stands (or, if it is still being worked out
         # elsewhere, this one is as good: the query changed nothing).
         return seen[1] if seen is not None and seen[1] is not None else answer
-
-    async def _insert(self, **row: Any) -> bool:
-        """_insert_new as one statement of its own (the caller holds the write lock)."""
-        return await self._direct.write(_INSERT_NEW[self._direct.dialect], row) == 1
 
     def _mine(self, sender: str, message_id: str) -> dict[str, str]:
         """Parameters of _ANSWERED and _FREE: this message, claimed by this process."""
@@ -197,12 +201,10 @@ class MessageMemory:
                   ) -> bytes | None:
         """_claim, among the statements of the caller's transaction. Almost always the id
         is new: one statement. Otherwise its row decides (a retry, a replay, or a claim
-        to take over). Of processes sharing the database that insert an id at once,
-        exactly one does; the others read its row."""
+        to take over)."""
         now = now_ms()
-        if tx.run(_INSERT_NEW[tx.dialect], {
-                "sender": sender, "message_id": message_id, "envelope_sha256": digest,
-                "response": None, "received_at_ms": now, "claimed_by": self.owner}) == 1:
+        if tx.run(_INSERT_NEW[tx.dialect], _new_row(sender, message_id, digest, response=None,
+                                                   claimed_by=self.owner, at_ms=now)) == 1:
             return None
         seen = tx.first(_SEEN_ROW, {"b_sender": sender, "b_id": message_id})
         if seen is None:
