@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 from spoke import procfs
 
@@ -39,3 +44,29 @@ def test_agent_set_follows_session_and_marker() -> None:
         for p in (leader, marked):
             p.kill()
             p.wait()
+
+
+async def test_without_a_pidfd_wait_exit_looks_until_the_process_ends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of open files, no pidfd can be opened: wait_exit must not take that for the
+    process's end, but look again until it has ended."""
+    def no_pidfd(pid: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    proc = subprocess.Popen(["/bin/sleep", "0.3"])  # noqa: ASYNC220 (as the spoke does)
+    try:
+        started = procfs.start_time(proc.pid)
+        assert started is not None
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+        began = time.monotonic()
+        waiting = asyncio.ensure_future(procfs.wait_exit(proc.pid, None))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        await asyncio.wait_for(waiting, 10)
+        assert proc.poll() is not None  # ended (a zombie until reaped here)
+        assert time.monotonic() - began >= 0.2
+        # For a non-child, by its start time: a process already gone returns at once.
+        await asyncio.wait_for(procfs.wait_exit(proc.pid, started), 1)
+    finally:
+        proc.kill()
+        proc.wait()
