@@ -260,7 +260,7 @@ class SpokeCommands:
                           max_runtime_seconds=template.max_runtime_seconds,
                           grace_seconds=template.grace_seconds, limits=limits, cgroups=groups)
         try:
-            launched = await self.supervisor.launch(spec)
+            launched = self.supervisor.launch(spec)
         except OSError as exc:
             if groups is not None:
                 groups.remove()

@@ -113,7 +113,7 @@ class AgentSupervisor(Generic[Recorded]):
     def is_supervised(self, agent_id: str) -> bool:
         return agent_id in self._running
 
-    async def launch(self, spec: LaunchSpec) -> Launched:
+    def launch(self, spec: LaunchSpec) -> Launched:
         """Start the agent's first process; call watch() once its start is recorded."""
         spec.workdir.mkdir(parents=True, exist_ok=True)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ class AgentSupervisor(Generic[Recorded]):
             # 3.11 (half of a launch here), and its transport kills a child still running
             # when it is collected, as at a spoke's shutdown; agents outlive their spoke.
             # The exit is waited for on a pidfd (_first_process_gone).
-            proc = subprocess.Popen(  # noqa: ASYNC220 (as asyncio's own exec does)
+            proc = subprocess.Popen(
                 launch_argv(spec),
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,

@@ -33,10 +33,10 @@ _CHILD = textwrap.dedent("""
             spec = LaunchSpec(agent_id=f"a{n}", argv=["/bin/sh", "-c", f"sleep 0.2; exit {n}"],
                               workdir=root / f"a{n}", log_path=root / f"a{n}.log", env={},
                               max_runtime_seconds=60, grace_seconds=1)
-            await sup.launch(spec)
+            sup.launch(spec)
             sup.watch(spec.agent_id)
         during = threading.active_count()
-        survivor = await sup.launch(LaunchSpec(
+        survivor = sup.launch(LaunchSpec(
             agent_id="left", argv=["/bin/sleep", "30"], workdir=root / "left",
             log_path=root / "left.log", env={}, max_runtime_seconds=60, grace_seconds=1))
         while len(ended) < 20:
