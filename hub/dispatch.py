@@ -1,14 +1,16 @@
 """Sending signed commands to spokes and trusting only their signed answers.
 
-One channel per spoke, reused. A command is sealed once; retries (UNAVAILABLE and
-DEADLINE_EXCEEDED only) re-send the same bytes, so the spoke's message-id memory turns a
-retry into the first answer, never a second action.
+One channel per spoke, reused, with one Exchange stream on it (hub/streams.py). A
+command is sealed once; retries (UNAVAILABLE and DEADLINE_EXCEEDED only) re-send the
+same bytes, so the spoke's message-id memory turns a retry into the first answer, never
+a second action.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import grpc
 from tenacity import (
@@ -19,6 +21,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from hub.streams import SpokeStreams
 from shared.config import Config
 from shared.envelope import Keyring, open_reply, seal_envelope
 from shared.errors import (
@@ -28,10 +31,13 @@ from shared.errors import (
 )
 from shared.identity import Identity
 from shared.metrics import Metrics
-from shared.pb.v1 import wire_pb2, wire_pb2_grpc
+from shared.pb.v1 import wire_pb2
 from shared.rpc import PeerCerts, PeerChannels
 
 log = logging.getLogger(__name__)
+
+# One attempt: the signed bytes and the attempt's timeout in, the signed answer out.
+Send = Callable[[wire_pb2.SignedEnvelope, float], Awaitable[wire_pb2.SignedEnvelope]]
 
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -56,13 +62,11 @@ class SpokeDispatcher:
         self._keyring = keyring
         self._metrics = metrics
         self._channels = PeerChannels(cfg.keepalive, certs)
+        self._streams = SpokeStreams()
 
     @property
     def channels(self) -> PeerChannels:
         return self._channels
-
-    async def _stub(self, spoke: str, address: str) -> wire_pb2_grpc.SpokeServiceStub:
-        return wire_pb2_grpc.SpokeServiceStub(await self._channels.get(spoke, address))
 
     def seal(self, spoke: str, command: wire_pb2.Command) -> tuple[str, wire_pb2.SignedEnvelope]:
         """Sign a command for a spoke once; returns its message_id and the envelope."""
@@ -87,11 +91,16 @@ class SpokeDispatcher:
     async def _deliver(self, spoke: str, address: str, message_id: str,
                        signed: wire_pb2.SignedEnvelope, extra_timeout: float
                        ) -> wire_pb2.Response:
-        stub = await self._stub(spoke, address)
+        channel = await self._channels.get(spoke, address)
+
+        def send(signed: wire_pb2.SignedEnvelope, timeout: float
+                 ) -> Awaitable[wire_pb2.SignedEnvelope]:
+            return self._streams.deliver(spoke, channel, signed, timeout)
+
         retry = self._cfg.retry
         try:
             reply = await self._attempts(
-                stub, signed, retry.attempt_timeout_seconds + extra_timeout)
+                send, signed, retry.attempt_timeout_seconds + extra_timeout)
         except _Unreachable as exc:
             last = exc.last
             detail = last.details() if isinstance(last, grpc.aio.AioRpcError) else str(last)
@@ -107,8 +116,7 @@ class SpokeDispatcher:
             raise err from None
         return await self._verify(spoke, message_id, reply)
 
-    async def _attempts(self, stub: wire_pb2_grpc.SpokeServiceStub,
-                        signed: wire_pb2.SignedEnvelope, timeout: float
+    async def _attempts(self, send: Send, signed: wire_pb2.SignedEnvelope, timeout: float
                         ) -> wire_pb2.SignedEnvelope:
         """Deliver the same bytes up to retry.attempts times while the failure is one a
         later attempt may not meet, waiting initial_backoff_seconds, then twice that,
@@ -120,8 +128,7 @@ class SpokeDispatcher:
         """
         retry = self._cfg.retry
         try:
-            reply: wire_pb2.SignedEnvelope = await stub.Deliver(signed, timeout=timeout)
-            return reply
+            return await send(signed, timeout)
         except grpc.aio.AioRpcError as exc:
             if not _retryable(exc):
                 raise
@@ -139,8 +146,7 @@ class SpokeDispatcher:
                 reraise=False,
             ):
                 with attempt:
-                    reply = await stub.Deliver(signed, timeout=timeout)
-                    return reply
+                    return await send(signed, timeout)
         except RetryError as exc:
             raise _Unreachable(exc.last_attempt.exception()) from None
         raise AssertionError("tenacity's loop ends by a return or an exception")
@@ -159,4 +165,5 @@ class SpokeDispatcher:
             ) from None
 
     async def close(self) -> None:
+        await self._streams.close()
         await self._channels.close()

@@ -126,8 +126,12 @@ def log_tasks() -> None:
 async def serve_until_stopped(
     server: grpc.aio.Server, memory: MessageMemory, cfg: Config,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    end_streams: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT; then stop taking requests and finish those in flight."""
+    """Serve until SIGTERM/SIGINT; then stop taking requests and finish those in flight.
+
+    end_streams: ends the long-lived streams being served, which would otherwise hold
+    the stop for its whole grace."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -147,6 +151,8 @@ async def serve_until_stopped(
     await stop.wait()
     log.info("stopping: no new requests, finishing those in flight")
     pruner.cancel()
+    if end_streams is not None:
+        end_streams()
     await server.stop(STOP_GRACE_SECONDS)
     if on_stop is not None:
         await on_stop()

@@ -76,12 +76,28 @@ class EnvelopeInbox:
         after it, with it. in_one_transaction(envelope): answer_within gives the answer,
         making its changes in the transaction that records the id and the answer.
         """
-        async with self._view.checked() if self._view is not None else nullcontext():
-            sealed = await self._deliver(request, context, accepts=accepts, refusal=refusal,
-                                         answer=answer, reads_only=reads_only,
-                                         in_one_transaction=in_one_transaction,
-                                         answer_within=answer_within)
+        try:
+            sealed = await self.sealed_answer(
+                request, context, accepts=accepts, refusal=refusal, answer=answer,
+                reads_only=reads_only, in_one_transaction=in_one_transaction,
+                answer_within=answer_within)
+        except FleetwireError as err:
+            await abort(context, err)
         return wire_pb2.SignedEnvelope.FromString(sealed)
+
+    async def sealed_answer(self, request: wire_pb2.SignedEnvelope,
+                            context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
+                            refusal: str, answer: Answer,
+                            reads_only: Callable[[wire_pb2.Envelope], bool] = _never,
+                            in_one_transaction: Callable[[wire_pb2.Envelope], bool] = _never,
+                            answer_within: AnswerWithin | None = None) -> bytes:
+        """deliver(), giving the signed answer's bytes and raising a refusal (counted
+        and audited) instead of ending the RPC: for one delivery of many on a stream."""
+        async with self._view.checked() if self._view is not None else nullcontext():
+            return await self._deliver(request, context, accepts=accepts, refusal=refusal,
+                                       answer=answer, reads_only=reads_only,
+                                       in_one_transaction=in_one_transaction,
+                                       answer_within=answer_within)
 
     async def _deliver(self, request: wire_pb2.SignedEnvelope,
                        context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
@@ -123,7 +139,7 @@ class EnvelopeInbox:
             await self._trail.record(AuditEntry(
                 action="envelope", outcome=REFUSED, target=f"key_id {request.key_id[:32]}",
                 reason=err.message))
-            await abort(context, err)
+            raise
         return sealed
 
     async def _sealed(self, opened: OpenedEnvelope, answer: Answer) -> bytes:

@@ -100,7 +100,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         await metrics.close()
         await dispose(engine)
 
-    await serve_until_stopped(server, memory, cfg, on_stop)
+    await serve_until_stopped(server, memory, cfg, on_stop, end_streams=service.stop_streams)
 
 
 async def _gauges(sessions: async_sessionmaker[AsyncSession]) -> list[Reading]:

@@ -50,7 +50,8 @@ async def _attempts(stub: wire_pb2_grpc.SpokeServiceStub, retry: RetryConfig
     # Only the retry settings of the dispatcher take part.
     dispatcher = SimpleNamespace(_cfg=SimpleNamespace(retry=retry))
     return await SpokeDispatcher._attempts(  # type: ignore[arg-type]
-        dispatcher, stub, wire_pb2.SignedEnvelope(envelope=b"command", key_id="k"), 5.0)
+        dispatcher, lambda signed, timeout: stub.Deliver(signed, timeout=timeout),
+        wire_pb2.SignedEnvelope(envelope=b"command", key_id="k"), 5.0)
 
 
 RETRY = RetryConfig(attempts=4, initial_backoff_seconds=0.05, max_backoff_seconds=0.15)

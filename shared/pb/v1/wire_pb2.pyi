@@ -301,6 +301,34 @@ class Response(_message.Message):
     ack: Ack
     def __init__(self, agent: _Optional[_Union[Agent, _Mapping]] = ..., agents: _Optional[_Union[AgentList, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., workspace: _Optional[_Union[Workspace, _Mapping]] = ..., logs: _Optional[_Union[AgentLogs, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
+class Delivery(_message.Message):
+    __slots__ = ("call", "envelope")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    call: int
+    envelope: SignedEnvelope
+    def __init__(self, call: _Optional[int] = ..., envelope: _Optional[_Union[SignedEnvelope, _Mapping]] = ...) -> None: ...
+
+class Delivered(_message.Message):
+    __slots__ = ("call", "envelope", "refusal")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    call: int
+    envelope: SignedEnvelope
+    refusal: Refusal
+    def __init__(self, call: _Optional[int] = ..., envelope: _Optional[_Union[SignedEnvelope, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ...) -> None: ...
+
+class Refusal(_message.Message):
+    __slots__ = ("status", "message", "retry_after_ms")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    message: str
+    retry_after_ms: int
+    def __init__(self, status: _Optional[int] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+
 class JoinClaim(_message.Message):
     __slots__ = ("token", "name", "public_key", "tls_cert", "address", "issued_at_ms")
     TOKEN_FIELD_NUMBER: _ClassVar[int]

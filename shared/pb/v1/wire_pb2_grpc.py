@@ -42,6 +42,11 @@ class SpokeServiceStub:
                 request_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.SerializeToString,
                 response_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.FromString,
                 _registered_method=True)
+        self.Exchange = channel.stream_stream(
+                '/fleetwire.v1.SpokeService/Exchange',
+                request_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.Delivery.SerializeToString,
+                response_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.Delivered.FromString,
+                _registered_method=True)
 
 
 class SpokeServiceServicer:
@@ -56,6 +61,15 @@ class SpokeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exchange(self, request_iterator, context):
+        """The same as Deliver for many envelopes on one long-lived stream, answered in any
+        order (each answer names its delivery's call number). A refusal ends that
+        delivery only, never the stream. A hub keeps one open per spoke.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SpokeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +77,11 @@ def add_SpokeServiceServicer_to_server(servicer, server):
                     servicer.Deliver,
                     request_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.FromString,
                     response_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.SerializeToString,
+            ),
+            'Exchange': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=shared_dot_pb_dot_v1_dot_wire__pb2.Delivery.FromString,
+                    response_serializer=shared_dot_pb_dot_v1_dot_wire__pb2.Delivered.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -95,6 +114,33 @@ class SpokeService:
             '/fleetwire.v1.SpokeService/Deliver',
             shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.SerializeToString,
             shared_dot_pb_dot_v1_dot_wire__pb2.SignedEnvelope.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fleetwire.v1.SpokeService/Exchange',
+            shared_dot_pb_dot_v1_dot_wire__pb2.Delivery.SerializeToString,
+            shared_dot_pb_dot_v1_dot_wire__pb2.Delivered.FromString,
             options,
             channel_credentials,
             insecure,
