@@ -49,8 +49,9 @@ async def _attempts(stub: wire_pb2_grpc.SpokeServiceStub, retry: RetryConfig
                     ) -> wire_pb2.SignedEnvelope:
     # Only the retry settings of the dispatcher take part.
     dispatcher = SimpleNamespace(_cfg=SimpleNamespace(retry=retry))
-    return await SpokeDispatcher._attempts(  # type: ignore[arg-type]
-        dispatcher, lambda signed, timeout: stub.Deliver(signed, timeout=timeout),
+    return await SpokeDispatcher._attempts(
+        dispatcher,  # type: ignore[arg-type]
+        lambda signed, timeout: stub.Deliver(signed, timeout=timeout),
         wire_pb2.SignedEnvelope(envelope=b"command", key_id="k"), 5.0)
 
 
