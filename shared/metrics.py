@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
@@ -151,6 +151,12 @@ class Metrics:
             "by which rule refused them.", ["reason"], registry=self.registry)
         for reason in REJECTION_REASONS:
             self._rejections.labels(reason)
+        self._streams = Gauge(
+            "fleetwire_command_streams", "Exchange streams from hubs open now (spoke).",
+            registry=self.registry)
+        self._stream_deliveries = Counter(
+            "fleetwire_stream_deliveries", "Envelopes that came on an Exchange stream "
+            "(spoke); the rest came as unary Deliver calls.", registry=self.registry)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -165,6 +171,16 @@ class Metrics:
         """Time and count one operator request (`method` is the gRPC method name)."""
         with _observe(self._requests, self._request_seconds, method) as seen:
             yield seen
+
+    @contextlib.contextmanager
+    def command_stream(self) -> Iterator[Callable[[], None]]:
+        """Count one Exchange stream as open while inside; yields what to call for each
+        envelope it carries."""
+        self._streams.inc()
+        try:
+            yield self._stream_deliveries.inc
+        finally:
+            self._streams.dec()
 
     def envelope_rejected(self, reason: str) -> None:
         self._rejections.labels(reason if reason in REJECTION_REASONS else "other").inc()

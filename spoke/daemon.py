@@ -58,7 +58,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
     inbox = EnvelopeInbox(identity, keyring, memory, trail, metrics,
                           skew_ms=cfg.wire.max_clock_skew_seconds * 1000,
                           mutual_tls=certs is not None, view=view)
-    service = SpokeService(inbox, commands, trail)
+    service = SpokeService(inbox, commands, trail, metrics)
     metrics.read_gauges(lambda: _gauges(sessions))
     try:
         # Before serving: a kill must find the agents it re-adopts.

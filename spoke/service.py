@@ -12,6 +12,7 @@ from shared.audit import AuditTrail
 from shared.envelope import OpenedEnvelope
 from shared.errors import FleetwireError, Internal
 from shared.inbox import EnvelopeInbox
+from shared.metrics import Metrics
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
 from shared.rotation import take_announcement
 from spoke.commands import SpokeCommands
@@ -38,8 +39,9 @@ def _is_query(envelope: wire_pb2.Envelope) -> bool:
 
 class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
     def __init__(self, inbox: EnvelopeInbox, commands: SpokeCommands,
-                 trail: AuditTrail) -> None:
+                 trail: AuditTrail, metrics: Metrics) -> None:
         self._inbox = inbox
+        self._metrics = metrics
         self._commands = commands
         self._trail = trail
         # Exchange calls being served, each by its task; ended by stop_streams().
@@ -74,18 +76,20 @@ class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
                     # The hub left: its retry is answered from the message-id memory.
                     log.debug("answer to delivery %d not written: %r", delivery.call, exc)
 
-        try:
-            async for delivery in deliveries:
-                work = asyncio.ensure_future(answer(delivery))
-                handling.add(work)
-                work.add_done_callback(handling.discard)
-        except asyncio.CancelledError:
-            if not self._stopping:
-                raise
-        finally:
-            self._streams.discard(task)
-        if handling:
-            await asyncio.wait(handling)
+        with self._metrics.command_stream() as carried:
+            try:
+                async for delivery in deliveries:
+                    carried()
+                    work = asyncio.ensure_future(answer(delivery))
+                    handling.add(work)
+                    work.add_done_callback(handling.discard)
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise
+            finally:
+                self._streams.discard(task)
+            if handling:
+                await asyncio.wait(handling)
 
     async def _delivered(self, delivery: wire_pb2.Delivery,
                          context: grpc.aio.ServicerContext) -> wire_pb2.Delivered:

@@ -9,11 +9,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from hub.client import HubClient
+from shared.daemon import STOP_GRACE_SECONDS
 from spoke import procfs
 from tests.conftest import Federation, build_federation
 from tests.integration.helpers import eventually, pid_alive, processes_with_marker, state
@@ -108,3 +110,22 @@ async def test_recycled_pid_is_never_signalled(fed: Federation) -> None:
         finally:
             bystander.kill()
             bystander.wait()
+
+
+async def test_a_spoke_with_the_hubs_stream_open_stops_at_once_and_is_commanded_after(
+        fed: Federation) -> None:
+    """The hub keeps a command stream open to each spoke it commands (ADR 0021). A
+    spoke ends its streams before it stops, so the stop does not wait out its grace;
+    the hub's next command after the restart goes on a new stream."""
+    async with HubClient(fed.hub.address, fed.tokens["acme"]) as hub:
+        agent = await hub.spawn(spoke="spoke-a", workspace="research", template="sleeper",
+                                task="outlives a restart", params={})
+        assert state(await hub.status(agent.agent_id, live=True)) == "RUNNING"
+        old = fed.spokes["spoke-a"]
+        started = time.monotonic()
+        assert old.stop() == 0
+        stopped_in = time.monotonic() - started
+        fed.spokes["spoke-a"] = fed.fed.start("spoke", "spoke-a", listen=old.address)
+        assert stopped_in < STOP_GRACE_SECONDS, stopped_in
+        assert state(await hub.status(agent.agent_id, live=True)) == "RUNNING"
+        assert state(await hub.kill(agent.agent_id, grace_ms=2000)) == "KILLED"

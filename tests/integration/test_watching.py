@@ -160,6 +160,28 @@ async def test_metrics_move_with_real_traffic(watched: Watched) -> None:
     await eventually(gauges_caught_up, what="the agent and spoke gauges")
 
 
+async def test_the_hubs_commands_travel_on_one_stream(watched: Watched) -> None:
+    """Commands from the hub to a spoke share one Exchange stream (ADR 0021), side by
+    side: twenty at once are twenty deliveries on it, and no second stream opens."""
+    fed = watched.fed
+    async with HubClient(fed.hub.address, fed.tokens["acme"]) as hub:
+        agent = await hub.spawn(spoke=SPOKE, workspace="research", template="sleeper",
+                                task="one stream", params={})
+        before = await scrape(watched.metrics[SPOKE])
+        answers = await asyncio.gather(*(hub.status(agent.agent_id, live=True)
+                                         for _ in range(20)))
+        assert {state(a) for a in answers} == {"RUNNING"}
+        after = await scrape(watched.metrics[SPOKE])
+        await hub.kill(agent.agent_id, grace_ms=2000)
+    assert value(after, "fleetwire_command_streams") == 1
+    carried = (value(after, "fleetwire_stream_deliveries_total")
+               - value(before, "fleetwire_stream_deliveries_total"))
+    assert carried >= 20
+    gets = (value(after, "fleetwire_commands_total", kind="get", outcome="ok")
+            - value(before, "fleetwire_commands_total", kind="get", outcome="ok"))
+    assert gets == 20
+
+
 async def test_reflection_lists_the_services(watched: Watched) -> None:
     fed = watched.fed
     health = "grpc.health.v1.Health"
