@@ -77,99 +77,87 @@ async def spoke() -> AsyncIterator[tuple[Scripted, grpc.aio.Channel]]:
         await server.stop(0)
 
 
+@pytest.fixture
+async def streams() -> AsyncIterator[SpokeStreams]:
+    opened = SpokeStreams()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
 def _signed(body: bytes) -> wire_pb2.SignedEnvelope:
     return wire_pb2.SignedEnvelope(envelope=body, key_id="k")
 
 
 async def test_answers_are_matched_by_number_in_any_order_on_one_stream(
-        spoke: tuple[Scripted, grpc.aio.Channel]) -> None:
+        spoke: tuple[Scripted, grpc.aio.Channel], streams: SpokeStreams) -> None:
     servicer, channel = spoke
-    streams = SpokeStreams()
-    try:
-        held = asyncio.ensure_future(streams.deliver("s", channel, _signed(b"hold"), 10))
-        quick = [await streams.deliver("s", channel, _signed(b"q%d" % i), 10)
-                 for i in range(5)]
-        # Five answers came back while the first delivery still waits for its own.
-        assert [q.envelope for q in quick] == [b"q%d" % i for i in range(5)]
-        assert not held.done()
-        servicer.release.set()
-        assert (await held).envelope == b"hold"
-        concurrent = await asyncio.gather(*(
-            streams.deliver("s", channel, _signed(b"c%d" % i), 10) for i in range(50)))
-        assert [c.envelope for c in concurrent] == [b"c%d" % i for i in range(50)]
-        assert (servicer.streams, servicer.unary) == (1, 0)
-    finally:
-        await streams.close()
+    held = asyncio.ensure_future(streams.deliver("s", channel, _signed(b"hold"), 10))
+    quick = [await streams.deliver("s", channel, _signed(b"q%d" % i), 10)
+             for i in range(5)]
+    # Five answers came back while the first delivery still waits for its own.
+    assert [q.envelope for q in quick] == [b"q%d" % i for i in range(5)]
+    assert not held.done()
+    servicer.release.set()
+    assert (await held).envelope == b"hold"
+    concurrent = await asyncio.gather(*(
+        streams.deliver("s", channel, _signed(b"c%d" % i), 10) for i in range(50)))
+    assert [c.envelope for c in concurrent] == [b"c%d" % i for i in range(50)]
+    assert (servicer.streams, servicer.unary) == (1, 0)
 
 
 async def test_a_refusal_is_the_status_a_unary_call_would_end_with_and_the_stream_stays(
-        spoke: tuple[Scripted, grpc.aio.Channel]) -> None:
+        spoke: tuple[Scripted, grpc.aio.Channel], streams: SpokeStreams) -> None:
     servicer, channel = spoke
-    streams = SpokeStreams()
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await streams.deliver("s", channel, _signed(b"refuse"), 10)
-        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
-        assert refused.value.details() == "no such agent"
-        assert (RETRY_AFTER_KEY, "250") in tuple(refused.value.trailing_metadata())
-        assert (await streams.deliver("s", channel, _signed(b"next"), 10)).envelope == b"next"
-        assert servicer.streams == 1
-    finally:
-        await streams.close()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await streams.deliver("s", channel, _signed(b"refuse"), 10)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert refused.value.details() == "no such agent"
+    assert (RETRY_AFTER_KEY, "250") in tuple(refused.value.trailing_metadata())
+    assert (await streams.deliver("s", channel, _signed(b"next"), 10)).envelope == b"next"
+    assert servicer.streams == 1
 
 
 async def test_a_timeout_ends_that_delivery_only(
-        spoke: tuple[Scripted, grpc.aio.Channel]) -> None:
+        spoke: tuple[Scripted, grpc.aio.Channel], streams: SpokeStreams) -> None:
     servicer, channel = spoke
-    streams = SpokeStreams()
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as late:
-            await streams.deliver("s", channel, _signed(b"hold"), 0.2)
-        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert (await streams.deliver("s", channel, _signed(b"next"), 10)).envelope == b"next"
-        assert servicer.streams == 1
-    finally:
-        await streams.close()
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await streams.deliver("s", channel, _signed(b"hold"), 0.2)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (await streams.deliver("s", channel, _signed(b"next"), 10)).envelope == b"next"
+    assert servicer.streams == 1
 
 
 async def test_a_stream_that_ends_fails_what_waits_as_unavailable_and_the_next_opens_anew(
-        spoke: tuple[Scripted, grpc.aio.Channel]) -> None:
+        spoke: tuple[Scripted, grpc.aio.Channel], streams: SpokeStreams) -> None:
     servicer, channel = spoke
-    streams = SpokeStreams()
-    try:
-        held = asyncio.ensure_future(streams.deliver("s", channel, _signed(b"hold"), 10))
-        assert (await streams.deliver("s", channel, _signed(b"q"), 10)).envelope == b"q"
-        with pytest.raises(grpc.aio.AioRpcError) as ended:
-            await streams.deliver("s", channel, _signed(b"end"), 10)
-        # UNAVAILABLE: what the dispatcher retries, with the same bytes.
-        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-        with pytest.raises(grpc.aio.AioRpcError) as waiting:
-            await held
-        assert waiting.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert (await streams.deliver("s", channel, _signed(b"again"), 10)).envelope == b"again"
-        assert servicer.streams == 2
-    finally:
-        await streams.close()
+    held = asyncio.ensure_future(streams.deliver("s", channel, _signed(b"hold"), 10))
+    assert (await streams.deliver("s", channel, _signed(b"q"), 10)).envelope == b"q"
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await streams.deliver("s", channel, _signed(b"end"), 10)
+    # UNAVAILABLE: what the dispatcher retries, with the same bytes.
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.aio.AioRpcError) as waiting:
+        await held
+    assert waiting.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (await streams.deliver("s", channel, _signed(b"again"), 10)).envelope == b"again"
+    assert servicer.streams == 2
 
 
 async def test_a_spoke_without_exchange_is_sent_unary_calls_and_asked_once(
-        spoke: tuple[Scripted, grpc.aio.Channel]) -> None:
+        spoke: tuple[Scripted, grpc.aio.Channel], streams: SpokeStreams) -> None:
     servicer, channel = spoke
     servicer.serve_exchange = False
-    streams = SpokeStreams()
-    try:
-        for i in range(3):
-            reply = await streams.deliver("s", channel, _signed(b"u%d" % i), 10)
-            assert reply.envelope == b"unary:u%d" % i
-        assert (servicer.streams, servicer.unary) == (1, 3)
-    finally:
-        await streams.close()
+    for i in range(3):
+        reply = await streams.deliver("s", channel, _signed(b"u%d" % i), 10)
+        assert reply.envelope == b"unary:u%d" % i
+    assert (servicer.streams, servicer.unary) == (1, 3)
 
 
 async def test_closing_fails_what_waits_as_unavailable(
-        spoke: tuple[Scripted, grpc.aio.Channel]) -> None:
+        spoke: tuple[Scripted, grpc.aio.Channel], streams: SpokeStreams) -> None:
     _, channel = spoke
-    streams = SpokeStreams()
     held = asyncio.ensure_future(streams.deliver("s", channel, _signed(b"hold"), 10))
     assert (await streams.deliver("s", channel, _signed(b"q"), 10)).envelope == b"q"
     await streams.close()
