@@ -122,18 +122,14 @@ def set_up(conn: Any, *, enforce_foreign_keys: bool) -> None:
     """The pragmas every connection of a daemon gets (conn: a sqlite3 connection, or
     the adapted one SQLAlchemy hands its connect event)."""
     cur = conn.cursor()
-    # Setting WAL needs the database for a moment: another process opening it at the
-    # same time (recovering its WAL, say) must be waited for, not taken as an error.
-    # This runs once per new connection.
-    cur.execute(f"PRAGMA busy_timeout={WAIT_MS}")
+    # 0 outside a trip to the connection's thread: a statement run on the event loop's
+    # thread fails rather than waits (this setting's own statements too).
+    cur.execute("PRAGMA busy_timeout=0")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA foreign_keys={'ON' if enforce_foreign_keys else 'OFF'}")
     cur.execute("PRAGMA synchronous=NORMAL")
     # Checkpoints run in a worker thread every so many commits, never inside a commit.
     cur.execute("PRAGMA wal_autocheckpoint=0")
-    # 0 outside a trip to the connection's thread: a statement run on the event loop's
-    # thread fails rather than waits.
-    cur.execute("PRAGMA busy_timeout=0")
     cur.close()
 
 

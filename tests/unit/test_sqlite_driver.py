@@ -186,33 +186,3 @@ async def test_rollback_undoes_and_errors_are_sqlalchemy_errors(sqlite: AsyncEng
         await conn.rollback()
         names = (await conn.execute(text("SELECT name FROM t"))).scalars().all()
     assert names == ["kept"]
-
-
-def test_a_connection_set_up_while_another_holds_the_database_waits_for_it(
-        tmp_path: Path) -> None:
-    """Another process holding the database while a connection is set up (three engines
-    opening one file at once did this) is waited for; before, the set-up failed at once
-    with 'database is locked'. The busy timeout is 0 again afterwards."""
-    path = tmp_path / "held.db"
-    made = sqlite3.connect(path)
-    made.execute("CREATE TABLE t (x)")
-    made.close()  # still a rollback journal: WAL comes with the first set-up
-    held, release = threading.Event(), threading.Event()
-    holder = threading.Thread(target=hold, args=(path, "BEGIN EXCLUSIVE", held, release,
-                                                 "SELECT * FROM t"))
-    holder.start()
-    try:
-        assert held.wait(10)
-        # The other process lets go a moment later, while the set-up waits.
-        threading.Timer(0.2, release.set).start()
-        conn = sqlite3.connect(path, isolation_level=None)
-        try:
-            sqlite_driver.set_up(conn, enforce_foreign_keys=True)
-            assert release.is_set()
-            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 0
-        finally:
-            conn.close()
-    finally:
-        release.set()
-        holder.join(10)
