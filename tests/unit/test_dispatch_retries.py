@@ -16,6 +16,7 @@ import pytest
 from hub.dispatch import SpokeDispatcher, _Unreachable
 from shared.config import RetryConfig
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
+from tests.unit.loopback import serving
 
 
 class Failing(wire_pb2_grpc.SpokeServiceServicer):
@@ -34,15 +35,8 @@ class Failing(wire_pb2_grpc.SpokeServiceServicer):
 @pytest.fixture
 async def spoke() -> AsyncIterator[tuple[Failing, wire_pb2_grpc.SpokeServiceStub]]:
     servicer = Failing()
-    server = grpc.aio.server()
-    wire_pb2_grpc.add_SpokeServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield servicer, wire_pb2_grpc.SpokeServiceStub(channel)
-    finally:
-        await server.stop(0)
+    async with serving(servicer) as channel:
+        yield servicer, wire_pb2_grpc.SpokeServiceStub(channel)
 
 
 async def _attempts(stub: wire_pb2_grpc.SpokeServiceStub, retry: RetryConfig

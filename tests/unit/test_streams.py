@@ -16,6 +16,7 @@ import pytest
 from hub.streams import SpokeStreams
 from shared.errors import RETRY_AFTER_KEY
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
+from tests.unit.loopback import serving
 
 
 @dataclass
@@ -65,16 +66,11 @@ class Scripted(wire_pb2_grpc.SpokeServiceServicer):
 @pytest.fixture
 async def spoke() -> AsyncIterator[tuple[Scripted, grpc.aio.Channel]]:
     servicer = Scripted()
-    server = grpc.aio.server()
-    wire_pb2_grpc.add_SpokeServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with serving(servicer) as channel:
+        try:
             yield servicer, channel
-    finally:
-        servicer.release.set()
-        await server.stop(0)
+        finally:
+            servicer.release.set()
 
 
 @pytest.fixture
