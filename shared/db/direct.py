@@ -129,7 +129,7 @@ class _Here(Statements):
             cursor = self._conn.execute(prepared.sql, prepared.arguments(params))
             return cursor.rowcount, prepared.convert(cursor.fetchall()) if fetch else []
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode in sqlite_driver.WOULD_WAIT:
+            if sqlite_driver.would_wait(exc):
                 raise _WouldWait from exc
             raise
 
@@ -218,7 +218,7 @@ class Direct:
             except sqlite3.OperationalError as exc:
                 # BEGIN or COMMIT would have waited (COMMIT's transaction was rolled
                 # back above).
-                if exc.sqlite_errorcode not in sqlite_driver.WOULD_WAIT:
+                if not sqlite_driver.would_wait(exc):
                     raise
             else:
                 _run_all(here.committed)
@@ -252,7 +252,7 @@ class Direct:
             cursor = conn.execute(prepared.sql, prepared.arguments(params))
             rows = [] if write else prepared.convert(cursor.fetchall())
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode not in sqlite_driver.WOULD_WAIT:
+            if not sqlite_driver.would_wait(exc):
                 raise
             self.detours += 1
             return None
@@ -263,7 +263,7 @@ class Direct:
             try:
                 self._conn = _connect(self._engine)
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode not in sqlite_driver.WOULD_WAIT:
+                if not sqlite_driver.would_wait(exc):
                     raise
                 # Locked while being set up (another process's exclusive lock): this
                 # call goes through the engine, the next one tries again.

@@ -78,7 +78,7 @@ class _OneTripCursor:
             try:
                 return _run(raw, sql, parameters, many)
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode not in WOULD_WAIT:
+                if not would_wait(exc):
                     raise
                 # It would have to wait (another writer, a checkpoint): it did nothing,
                 # and goes where waiting is allowed.
@@ -103,6 +103,14 @@ class _OneTripCursor:
 # checkpoint) before it fails with "database is locked".
 WAIT_MS = 10_000
 WOULD_WAIT = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def would_wait(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite failed because it would have had to wait for a lock (and did
+    nothing). Python reports the extended result code: SQLITE_BUSY_RECOVERY, for one,
+    comes while another connection rebuilds the WAL index, as the first to open a WAL
+    database after the last one closed does. The primary code is its low byte."""
+    return (exc.sqlite_errorcode & 0xFF) in WOULD_WAIT
 
 
 # WAL pages are copied into the database file by a checkpoint in the connection's thread
@@ -193,7 +201,7 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
                 end()
                 return
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode not in WOULD_WAIT:
+                if not would_wait(exc):
                     self._handle_exception(exc)
                 # Busy: nothing was ended; the transaction is still open to end below.
 

@@ -21,7 +21,7 @@ from shared.db import models, sqlite_driver
 from shared.db.direct import Direct, Statements, direct_for, mapped_columns, to_model
 from shared.db.engine import dispose, make_engine, make_sessions
 from tests.databases import Templates, migrated_copy
-from tests.unit.holding import hold, ticks_while
+from tests.unit.holding import hold, rebuilding_wal_index, ticks_while
 
 J = models.JoinToken
 _TOKEN = select(J.name, J.pending, J.expires_at_ms).where(J.name == bindparam("b_id"))
@@ -139,6 +139,28 @@ async def test_a_read_that_would_wait_goes_through_the_engine(sqlite_file: Path)
         assert row == (before[0] + 1,)  # read after the holder committed
         assert direct.detours == 1
         assert ticks >= 10
+    finally:
+        await dispose(engine)
+
+
+async def test_a_connection_it_cannot_open_yet_sends_its_reads_through_the_engine(
+        sqlite_file: Path) -> None:
+    """Another process rebuilding the WAL index while Direct opens its connection (its
+    set-up gets SQLITE_BUSY_RECOVERY): this read goes through the engine, which waits in
+    its connection's thread, and the next one opens Direct's connection."""
+    engine = make_engine(f"sqlite+aiosqlite:///{sqlite_file}")
+    try:
+        direct = direct_for(engine)
+        epoch = select(models.SecurityEpoch.value)
+        async with rebuilding_wal_index(sqlite_file) as release:
+            asyncio.get_running_loop().call_later(0.3, release)
+            row, ticks = await asyncio.wait_for(ticks_while(direct.first(epoch)), 10)
+        assert row is not None
+        assert direct.detours == 1
+        assert ticks >= 10
+        assert await direct.first(epoch) == row
+        assert direct._conn is not None  # opened on the second read
+        assert direct.detours == 1
     finally:
         await dispose(engine)
 

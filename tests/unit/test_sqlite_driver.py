@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db import sqlite_driver
 from shared.db.engine import make_engine
-from tests.unit.holding import hold, ticks_while
+from tests.unit.holding import hold, rebuilding_wal_index, ticks_while
 
 # What the other connection writes while it holds the database.
 _OTHER_ROW = "INSERT INTO t (name) VALUES ('other')"
@@ -186,3 +186,44 @@ async def test_rollback_undoes_and_errors_are_sqlalchemy_errors(sqlite: AsyncEng
         await conn.rollback()
         names = (await conn.execute(text("SELECT name FROM t"))).scalars().all()
     assert names == ["kept"]
+
+
+async def test_a_connection_opened_while_another_process_rebuilds_the_wal_index_waits(
+        tmp_path: Path) -> None:
+    """The first connection to open a WAL database after the last one closed rebuilds
+    its index; one opening at that moment gets SQLITE_BUSY_RECOVERY, which Python
+    reports as such, not as SQLITE_BUSY. It failed at once with "database is locked"
+    (three engines opening one file together did this); it waits, in the connection's
+    thread, and goes on when the index is rebuilt."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+    made = make_engine(url)
+    async with made.begin() as conn:
+        await conn.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
+    await made.dispose()  # the last connection: the WAL and its index are gone
+
+    engine = make_engine(url)
+    released = False
+
+    def release_after(release: Any) -> None:
+        nonlocal released
+        released = True
+        release()
+
+    async def connect() -> str:
+        async with engine.connect() as conn:
+            mode = (await conn.execute(text("PRAGMA journal_mode"))).scalar_one()
+            await conn.execute(text("SELECT count(*) FROM t"))
+            return str(mode)
+
+    try:
+        async with rebuilding_wal_index(tmp_path / "x.db") as release:
+            asyncio.get_running_loop().call_later(0.3, release_after, release)
+            mode, ticks = await asyncio.wait_for(ticks_while(connect()), 10)
+        assert released  # connected only once the other process let go
+        assert mode == "wal"
+        assert ticks >= 10  # the loop ran while the connection waited
+        async with engine.connect() as conn:
+            busy = (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one()
+        assert busy == 0  # outside a trip to the connection's thread, it never waits
+    finally:
+        await engine.dispose()
