@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 
 from shared.errors import EnvelopeRejected, InvalidArgument, Unauthenticated, from_wire_error
 from shared.identity import Identity
@@ -100,9 +100,11 @@ def seal_envelope(
 
 
 @functools.lru_cache(maxsize=1024)
-def _public_key(raw: bytes) -> Ed25519PublicKey:
-    """A peer's key, parsed once (a few peers' keys verify every message)."""
-    return Ed25519PublicKey.from_public_bytes(raw)
+def _public_key(raw: bytes) -> VerifyKey:
+    """A peer's key, made once (a few peers' keys verify every message). Verified with
+    libsodium (ADR 0022): half the time of OpenSSL's Ed25519 here, and stricter (it
+    also refuses non-canonical and small-order points, which no RFC 8032 signer makes)."""
+    return VerifyKey(raw)
 
 
 async def open_envelope(
@@ -143,8 +145,8 @@ async def open_envelope(
             f"envelope rejected: key '{key.key_id}' of '{key.peer_name}' is not active"
         )
     try:
-        _public_key(key.public_key).verify(signed.signature, SIGNING_PREFIX + raw)
-    except (InvalidSignature, ValueError):
+        _public_key(key.public_key).verify(SIGNING_PREFIX + raw, signed.signature)
+    except (BadSignatureError, ValueError):
         raise EnvelopeRejected("bad_signature",
                                "envelope rejected: signature does not verify") from None
 

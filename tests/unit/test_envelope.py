@@ -151,6 +151,13 @@ def test_signature_is_over_prefix_and_exact_bytes(hub: Identity) -> None:
         pub.verify(signed.signature, b"fleetwire/v2\x00" + signed.envelope)
 
 
+def test_signatures_are_the_rfc8032_bytes_any_ed25519_library_makes(hub: Identity) -> None:
+    """Messages are signed with libsodium (ADR 0022); Ed25519 signing is deterministic,
+    so OpenSSL's signature of the same bytes with the same key is identical."""
+    for data in (b"", b"fleetwire/v1\x00", SIGNING_PREFIX + seal(hub).envelope):
+        assert hub.sign(data) == hub.private_key.sign(data)
+
+
 def test_key_id_is_first_16_hex_of_sha256_of_raw_public_key(hub: Identity) -> None:
     expected = hashlib.sha256(hub.public_key).hexdigest()[:16]
     assert len(hub.public_key) == 32
