@@ -94,9 +94,11 @@ class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
     async def _delivered(self, delivery: wire_pb2.Delivery,
                          context: grpc.aio.ServicerContext) -> wire_pb2.Delivered:
         try:
+            # This runs in the delivery's own task, which nothing cancels (the stream's
+            # end does not): the command runs to its end without a task of its own.
             sealed = await self._inbox.sealed_answer(
                 delivery.envelope, context, accepts=_ACCEPTS, answer=self._answer,
-                reads_only=_is_query, refusal=_REFUSAL)
+                reads_only=_is_query, refusal=_REFUSAL, caller_may_leave=False)
         except FleetwireError as err:
             return _refused(delivery.call, err)
         except Exception:
