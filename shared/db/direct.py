@@ -265,8 +265,9 @@ class Direct:
             except sqlite3.OperationalError as exc:
                 if not sqlite_driver.would_wait(exc):
                     raise
-                # Locked while being set up (another process's exclusive lock): this
-                # call goes through the engine, the next one tries again.
+                # Locked while being set up (another process's exclusive lock, or its
+                # rebuilding of the WAL index): this call goes through the engine, the
+                # next one tries again.
                 self.detours += 1
                 return None
             weakref.finalize(self, self._conn.close)
