@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -69,7 +69,8 @@ def _next_record(tail: Row | None, entry: AuditEntry, at_ms: int | None) -> dict
     seq and hash; None if the chain is empty)."""
     seq, prev = (tail[0] + 1, tail[1]) if tail else (1, GENESIS)
     at = now_ms() if at_ms is None else at_ms
-    fields = {k: str(v)[:2000] for k, v in asdict(entry).items()}
+    # Read field by field: dataclasses.asdict deep-copies every value first.
+    fields = {name: str(getattr(entry, name))[:2000] for name in _FIELDS}
     return {"seq": seq, "at_ms": at, "prev_hash": prev,
             "hash": record_hash(seq, at, fields, prev), **fields}
 

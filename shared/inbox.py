@@ -78,15 +78,25 @@ class EnvelopeInbox:
         """
         try:
             sealed = await self.sealed_answer(
-                request, context, accepts=accepts, refusal=refusal, answer=answer,
+                request, self.presented(context), accepts=accepts, refusal=refusal,
+                answer=answer,
                 reads_only=reads_only, in_one_transaction=in_one_transaction,
                 answer_within=answer_within)
         except FleetwireError as err:
             await abort(context, err)
         return wire_pb2.SignedEnvelope.FromString(sealed)
 
+    def presented(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The fingerprint of the TLS certificate the caller's connection presented
+        (None: none; always None without mutual TLS, where nothing checks it). The same
+        for every message on one stream, so a stream's handler asks once."""
+        if not self._mutual_tls:
+            return None
+        certificates = (context.auth_context() or {}).get("x509_pem_cert") or []
+        return fingerprint(certificates[0]) if certificates else None
+
     async def sealed_answer(self, request: wire_pb2.SignedEnvelope,
-                            context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
+                            presented: str | None, *, accepts: frozenset[str],
                             refusal: str, answer: Answer,
                             reads_only: Callable[[wire_pb2.Envelope], bool] = _never,
                             in_one_transaction: Callable[[wire_pb2.Envelope], bool] = _never,
@@ -94,6 +104,7 @@ class EnvelopeInbox:
                             caller_may_leave: bool = True) -> bytes:
         """deliver(), giving the signed answer's bytes and raising a refusal (counted
         and audited) instead of ending the RPC: for one delivery of many on a stream.
+        presented: what presented() said of the connection it came on.
 
         caller_may_leave: the caller can be cancelled before the answer is ready (a
         unary call whose deadline passed), so the work runs in a task of its own that
@@ -101,14 +112,14 @@ class EnvelopeInbox:
         on a command stream): one task fewer per message.
         """
         async with self._view.checked() if self._view is not None else nullcontext():
-            return await self._deliver(request, context, accepts=accepts, refusal=refusal,
+            return await self._deliver(request, presented, accepts=accepts, refusal=refusal,
                                        answer=answer, reads_only=reads_only,
                                        in_one_transaction=in_one_transaction,
                                        answer_within=answer_within,
                                        caller_may_leave=caller_may_leave)
 
     async def _deliver(self, request: wire_pb2.SignedEnvelope,
-                       context: grpc.aio.ServicerContext, *, accepts: frozenset[str],
+                       presented: str | None, *, accepts: frozenset[str],
                        refusal: str, answer: Answer,
                        reads_only: Callable[[wire_pb2.Envelope], bool],
                        in_one_transaction: Callable[[wire_pb2.Envelope], bool],
@@ -119,7 +130,7 @@ class EnvelopeInbox:
             opened = await open_envelope(request, keyring=self._keyring,
                                          me=self._identity.name, skew_ms=self._skew_ms)
             if self._mutual_tls:
-                _check_tls_binding(opened, context)
+                _check_tls_binding(opened, presented)
             if opened.envelope.WhichOneof("body") not in accepts:
                 step = "unexpected_body"
                 raise InvalidArgument(refusal)
@@ -179,9 +190,8 @@ def _settle(work: asyncio.Future[bytes]) -> None:
         log.debug("a message finished with %r after its caller left", work.exception())
 
 
-def _check_tls_binding(opened: OpenedEnvelope, context: grpc.aio.ServicerContext) -> None:
-    presented = (context.auth_context() or {}).get("x509_pem_cert") or []
-    if not presented:
+def _check_tls_binding(opened: OpenedEnvelope, presented: str | None) -> None:
+    if presented is None:
         raise EnvelopeRejected(
             "tls_mismatch",
             "envelope rejected: no TLS client certificate; peers connect to this port with "
@@ -192,7 +202,7 @@ def _check_tls_binding(opened: OpenedEnvelope, context: grpc.aio.ServicerContext
             "tls_mismatch",
             f"envelope rejected: no TLS certificate is pinned for '{sender}'; add it with "
             "`fleetwire peer add --tls-cert` or join again")
-    if fingerprint(presented[0]) != opened.sender_tls_fingerprint:
+    if presented != opened.sender_tls_fingerprint:
         raise EnvelopeRejected(
             "tls_mismatch",
             f"envelope rejected: the TLS certificate of this connection is not the one "

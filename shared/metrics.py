@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -159,18 +160,22 @@ class Metrics:
             "(spoke); the rest came as unary Deliver calls.", registry=self.registry)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+        # The labelled series each command kind and method feeds, looked up once.
+        self._observed: dict[tuple[Histogram, str], _Children] = {}
 
-    @contextlib.contextmanager
-    def command(self, kind: str) -> Iterator[Observation]:
+    def command(self, kind: str) -> _Observing:
         """Time and count one command (`kind` is the Command's action field)."""
-        with _observe(self._commands, self._command_seconds, kind) as seen:
-            yield seen
+        return _Observing(self._children(self._commands, self._command_seconds, kind))
 
-    @contextlib.contextmanager
-    def operator_request(self, method: str) -> Iterator[Observation]:
+    def operator_request(self, method: str) -> _Observing:
         """Time and count one operator request (`method` is the gRPC method name)."""
-        with _observe(self._requests, self._request_seconds, method) as seen:
-            yield seen
+        return _Observing(self._children(self._requests, self._request_seconds, method))
+
+    def _children(self, counter: Counter, histogram: Histogram, name: str) -> _Children:
+        found = self._observed.get((histogram, name))
+        if found is None:
+            found = self._observed[(histogram, name)] = _Children(counter, histogram, name)
+        return found
 
     @contextlib.contextmanager
     def command_stream(self) -> Iterator[Callable[[], None]]:
@@ -213,24 +218,48 @@ class Metrics:
             server.server_close()
 
 
-@contextlib.contextmanager
-def _observe(counter: Counter, histogram: Histogram, name: str) -> Iterator[Observation]:
-    seen = Observation()
-    started = time.perf_counter()
-    try:
-        yield seen
-    except FleetwireError as err:
-        if seen.outcome == "ok":
-            seen.refused(err)
-        raise
-    except asyncio.CancelledError:
-        if seen.outcome == "ok":
-            seen.outcome = "cancelled"
-        raise
-    except Exception:
-        if seen.outcome == "ok":
-            seen.outcome = "internal"
-        raise
-    finally:
-        histogram.labels(name).observe(time.perf_counter() - started)
-        counter.labels(name, seen.outcome).inc()
+class _Children:
+    """The series one command kind (or method) feeds: its histogram's, and its counter's
+    per outcome. prometheus_client's labels() validates and locks on every call; these
+    are looked up once."""
+
+    def __init__(self, counter: Counter, histogram: Histogram, name: str) -> None:
+        self.seconds = histogram.labels(name)
+        self._counter = counter
+        self._name = name
+        self._counts: dict[str, Counter] = {}
+
+    def count(self, outcome: str) -> None:
+        child = self._counts.get(outcome)
+        if child is None:
+            child = self._counts[outcome] = self._counter.labels(self._name, outcome)
+        child.inc()
+
+
+class _Observing:
+    """Times one command or request and counts it by outcome when it ends: "ok", the
+    refusal's status, "cancelled" or "internal"."""
+
+    __slots__ = ("_children", "_seen", "_started")
+
+    def __init__(self, children: _Children) -> None:
+        self._children = children
+        self._seen = Observation()
+        self._started = 0.0
+
+    def __enter__(self) -> Observation:
+        self._started = time.perf_counter()
+        return self._seen
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        seen = self._seen
+        if exc is not None and seen.outcome == "ok":
+            if isinstance(exc, FleetwireError):
+                seen.refused(exc)
+            elif isinstance(exc, asyncio.CancelledError):
+                seen.outcome = "cancelled"
+            elif isinstance(exc, Exception):
+                seen.outcome = "internal"
+        self._children.seconds.observe(time.perf_counter() - self._started)
+        self._children.count(seen.outcome)

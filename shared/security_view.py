@@ -19,9 +19,9 @@ can a long request (a bulk kill) use one check for longer than CHECK_LASTS_SECON
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
-from contextlib import asynccontextmanager
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, Hashable
+from contextvars import ContextVar, Token
+from types import TracebackType
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import select
@@ -70,15 +70,10 @@ class SecurityView:
             self._entries.clear()
             self._epoch = int(value)
 
-    @asynccontextmanager
-    async def checked(self) -> AsyncIterator[None]:
-        """Read the epoch once for everything looked up inside (one message)."""
-        await self.refresh()
-        token = _checked.set(time.monotonic())
-        try:
-            yield
-        finally:
-            _checked.reset(token)
+    def checked(self) -> _Checked:
+        """Read the epoch once for everything looked up inside (one message): `async
+        with view.checked(): ...`."""
+        return _Checked(self)
 
     async def lookup(self, key: Hashable, load: Callable[[], Awaitable[V]]) -> V:
         """The kept answer for key, or load() (kept if the epoch did not move while it
@@ -101,3 +96,23 @@ class SecurityView:
             self._entries[key] = value
         return value
 
+
+
+class _Checked:
+    """SecurityView.checked(): a class rather than an @asynccontextmanager, whose
+    generator machinery costs more than the check itself on every message."""
+
+    __slots__ = ("_token", "_view")
+
+    def __init__(self, view: SecurityView) -> None:
+        self._view = view
+        self._token: Token[float | None] | None = None
+
+    async def __aenter__(self) -> None:
+        await self._view.refresh()
+        self._token = _checked.set(time.monotonic())
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._token is not None:
+            _checked.reset(self._token)

@@ -10,7 +10,7 @@ import grpc
 
 from shared.audit import AuditTrail
 from shared.envelope import OpenedEnvelope
-from shared.errors import FleetwireError, Internal
+from shared.errors import FleetwireError, Internal, abort
 from shared.inbox import EnvelopeInbox
 from shared.metrics import Metrics
 from shared.pb.v1 import wire_pb2, wire_pb2_grpc
@@ -61,6 +61,11 @@ class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
         """Deliver, for each delivery on the stream: handled side by side, each answer
         written as soon as it is ready. Ends (with OK) when the spoke stops; the hub
         sends what was left unanswered again, as it would after a failed Deliver."""
+        # One connection carries the whole stream: what it presented is asked once.
+        try:
+            presented = self._inbox.presented(context)
+        except FleetwireError as err:
+            await abort(context, err)
         task = asyncio.current_task()
         assert task is not None
         self._streams.add(task)
@@ -68,7 +73,7 @@ class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
         handling: set[asyncio.Task[None]] = set()
 
         async def answer(delivery: wire_pb2.Delivery) -> None:
-            frame = await self._delivered(delivery, context)
+            frame = await self._delivered(delivery, presented)
             async with writing:
                 try:
                     await context.write(frame)
@@ -92,12 +97,12 @@ class SpokeService(wire_pb2_grpc.SpokeServiceServicer):
                 await asyncio.wait(handling)
 
     async def _delivered(self, delivery: wire_pb2.Delivery,
-                         context: grpc.aio.ServicerContext) -> wire_pb2.Delivered:
+                         presented: str | None) -> wire_pb2.Delivered:
         try:
             # This runs in the delivery's own task, which nothing cancels (the stream's
             # end does not): the command runs to its end without a task of its own.
             sealed = await self._inbox.sealed_answer(
-                delivery.envelope, context, accepts=_ACCEPTS, answer=self._answer,
+                delivery.envelope, presented, accepts=_ACCEPTS, answer=self._answer,
                 reads_only=_is_query, refusal=_REFUSAL, caller_may_leave=False)
         except FleetwireError as err:
             return _refused(delivery.call, err)

@@ -58,20 +58,20 @@ _Params = Mapping[str, Any]
 
 @dataclass(frozen=True)
 class _Prepared:
-    """A statement compiled once: its SQL, how to order and convert its parameters,
-    and how to convert each column it returns."""
+    """A statement compiled once: its SQL, where each of its positional parameters
+    comes from and how it is converted, and how to convert each column it returns."""
 
     sql: str
-    compiled: SQLCompiler
-    names: tuple[str, ...]
+    # Per positional parameter: (the caller's key, None) for a value the caller gives,
+    # (None, value) for one fixed in the statement (`where(id == 1)`).
+    sources: tuple[tuple[str | None, Any], ...]
     binds: tuple[Callable[[Any], Any] | None, ...]
     columns: tuple[Callable[[Any], Any] | None, ...]
 
     def arguments(self, params: _Params) -> list[Any]:
-        values = self.compiled.construct_params(params, _check=False)
         args = []
-        for name, convert in zip(self.names, self.binds, strict=True):
-            value = values[name]
+        for (key, fixed), convert in zip(self.sources, self.binds, strict=True):
+            value = fixed if key is None else params[key]
             args.append(value if convert is None or value is None else convert(value))
         return args
 
@@ -296,10 +296,34 @@ def _compile(statement: Executable, engine: AsyncEngine, keys: Sequence[str]) ->
     names = tuple(compiled.positiontup or ())
     processors = compiled._bind_processors
     return _Prepared(
-        sql=str(compiled), compiled=compiled, names=names,
+        sql=str(compiled), sources=_sources(compiled, names, keys),
         binds=tuple(processors.get(n) for n in names),  # type: ignore[misc]
         columns=tuple(c.type._cached_result_processor(dialect, None)
                       for c in compiled._result_columns))
+
+
+@dataclass(frozen=True)
+class _Given:
+    """Stands for the caller's value of key while a statement's parameters are traced."""
+
+    key: str
+
+
+def _sources(compiled: SQLCompiler, names: Sequence[str], keys: Sequence[str]
+             ) -> tuple[tuple[str | None, Any], ...]:
+    """Where each positional parameter's value comes from, worked out once instead of
+    per call by SQLAlchemy's construct_params (which walks every bind each time): from
+    the caller's key, or fixed in the statement. construct_params is asked once with a
+    stand-in for each key, and its answer kept."""
+    for name in names:
+        if compiled.binds[name].callable is not None:
+            raise ValueError(f"direct statements take no computed parameters: {compiled}")
+    traced = compiled.construct_params({k: _Given(k) for k in keys}, _check=False)
+    sources: list[tuple[str | None, Any]] = []
+    for name in names:
+        value = traced[name]
+        sources.append((value.key, None) if isinstance(value, _Given) else (None, value))
+    return tuple(sources)
 
 
 def _run_all(actions: list[Callable[[], None]]) -> None:

@@ -82,6 +82,22 @@ async def test_the_tls_certificate_must_be_the_signers(fed: Federation) -> None:
     await eventually(past_the_handshake, what="the spoke to trust the intruder's certificate")
     assert seen[-1].code() == grpc.StatusCode.UNAUTHENTICATED
     assert f"not the one pinned for '{fed.hub.name}'" in (seen[-1].details() or "")
+    # On a command stream (its connection's certificate is read once per stream), each
+    # delivery is refused the same way; the hub's own stream is answered.
+    for sender, refused in (("intruder", True), (fed.hub.name, False)):
+        async with fed.peer_channel(sender, "spoke-a") as channel:
+            stream = wire_pb2_grpc.SpokeServiceStub(channel).Exchange(timeout=10)
+            for call in (1, 2):
+                await stream.write(wire_pb2.Delivery(call=call,
+                                                     envelope=get_command(fed, "spoke-a")))
+                answer = await stream.read()
+                assert answer.call == call
+                if refused:
+                    assert answer.refusal.status == grpc.StatusCode.UNAUTHENTICATED.value[0]
+                    assert f"not the one pinned for '{fed.hub.name}'" in answer.refusal.message
+                else:
+                    assert answer.WhichOneof("outcome") == "envelope"
+            await stream.done_writing()
 
 
 async def test_suspend_resume_and_revoke_act_on_the_next_message(fed: Federation) -> None:

@@ -62,6 +62,28 @@ async def test_rows_become_instances_with_the_rows_values(
         assert {k: getattr(token, k) for k in keys} == {k: getattr(loaded, k) for k in keys}
 
 
+async def test_values_fixed_in_a_statement_go_with_the_callers_values(
+        engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
+    for token_id in ("tok-3", "tok-4"):
+        await _add_token(sessions, token_id)
+    # expires_at_ms == 2 and pending == True are fixed in the statement; name comes from
+    # the caller, by a key that is not the bind's own name in the second statement.
+    fixed = select(J.name).where(J.expires_at_ms == 2, J.name == bindparam("b_id"),
+                                 J.pending.is_(True))
+    direct = direct_for(engine)
+    assert await direct.rows(fixed, {"b_id": "tok-4"}) == [("tok-4",)]
+    assert await direct.rows(fixed, {"b_id": "tok-3"}) == [("tok-3",)]
+    assert await direct.write(update(J).where(J.name == bindparam("b_id")).values(
+        pending=False, expires_at_ms=bindparam("b_at")), {"b_id": "tok-3", "b_at": 7}) == 1
+    assert await direct.rows(fixed, {"b_id": "tok-3"}) == []
+    assert await direct.first(select(J.pending, J.expires_at_ms).where(J.name == "tok-3")
+                              ) == (False, 7)
+    assert await direct.write(insert(J).values(pending=True), {
+        "token_sha256": "y" * 8, "name": "tok-5", "created_at_ms": 1,
+        "expires_at_ms": 2}) == 1
+    assert await direct.rows(fixed, {"b_id": "tok-5"}) == [("tok-5",)]
+
+
 @pytest.fixture
 async def sqlite_file(templates: Templates, tmp_path: Path) -> AsyncIterator[Path]:
     async with migrated_copy("sqlite", templates, tmp_path) as url:
@@ -74,6 +96,9 @@ async def sqlite_file(templates: Templates, tmp_path: Path) -> AsyncIterator[Pat
     # pending is not given: SQLAlchemy would fill in its Python-side default.
     (insert(J), {"token_sha256": "x", "name": "x", "created_at_ms": 1,
                  "expires_at_ms": 2}, "every value given"),
+    # Its value would be computed at each execution.
+    (select(J.name).where(J.name == bindparam("b_id", callable_=lambda: "tok")), {},
+     "computed parameters"),
 ])
 async def test_a_statement_it_cannot_run_as_built_is_refused_before_it_runs(
         sqlite_file: Path, statement: Any, params: dict[str, Any], problem: str) -> None:

@@ -106,3 +106,26 @@ async def test_a_failing_read_serves_the_last_reading(monkeypatch: pytest.Monkey
 def test_a_bad_metrics_address_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="HOST:PORT"):
         Metrics().serve("localhost")
+
+
+def test_each_command_counts_once_by_how_it_ended() -> None:
+    metrics = Metrics()
+    for _ in range(3):
+        with metrics.command("get"):
+            pass
+    with pytest.raises(asyncio.CancelledError), metrics.command("get"):
+        raise asyncio.CancelledError
+    with pytest.raises(KeyError), metrics.command("get"):
+        raise KeyError("x")
+    with pytest.raises(NotFound), metrics.command("get") as observed:
+        # A refusal recorded before an exception stands.
+        observed.refused(EnvelopeRejected("bad_signature", "no"))
+        raise NotFound("gone")
+    registry = metrics.registry
+    counted = {outcome: registry.get_sample_value(
+        "fleetwire_commands_total", {"kind": "get", "outcome": outcome})
+        for outcome in ("ok", "cancelled", "internal", "unauthenticated", "not_found")}
+    assert counted == {"ok": 3, "cancelled": 1, "internal": 1, "unauthenticated": 1,
+                       "not_found": None}
+    assert registry.get_sample_value("fleetwire_command_duration_seconds_count",
+                                     {"kind": "get"}) == 6
