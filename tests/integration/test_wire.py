@@ -4,6 +4,7 @@ envelope is refused before anything happens; retries get the first answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 
 import grpc
@@ -262,4 +263,36 @@ async def test_a_spawn_whose_caller_gave_up_still_runs_once(federation: Federati
                              command=command("kill", agent_id))
         killed = await stub.Deliver(kill, timeout=20)
     assert state(wire_pb2.Envelope.FromString(killed.envelope).response.agent) == "KILLED"
+    assert processes_with_marker(agent_id) == []
+
+
+@pytest.mark.parametrize("wait", [0.0, 0.005, 0.02, 0.05])
+async def test_a_spawn_whose_command_stream_was_cut_still_runs_once(
+        federation: Federation, wait: float) -> None:
+    """The hub's Exchange stream is cancelled at some point of a spawn it carries (or
+    after its answer): the spoke finishes the spawn in the delivery's own task, and the
+    same bytes sent again on a new stream get an agent that runs, once."""
+    agent_id = new_id()
+    signed = seal_envelope(hub_identity(federation), recipient="spoke-a",
+                           command=command("spawn", agent_id))
+    async with federation.peer_channel(federation.hub.name, "spoke-a") as channel:
+        stub = wire_pb2_grpc.SpokeServiceStub(channel)
+        cut = stub.Exchange()
+        await cut.write(wire_pb2.Delivery(call=1, envelope=signed))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cut.read(), timeout=wait)
+        cut.cancel()
+        again = stub.Exchange(timeout=20)
+        await again.write(wire_pb2.Delivery(call=1, envelope=signed))
+        frame = await again.read()
+        assert frame.WhichOneof("outcome") == "envelope", frame.refusal.message
+        agent = wire_pb2.Envelope.FromString(frame.envelope.envelope).response.agent
+        assert agent.agent_id == agent_id and state(agent) == "RUNNING"
+        assert len(processes_with_marker(agent_id)) == 1
+        await again.write(wire_pb2.Delivery(call=2, envelope=seal_envelope(
+            hub_identity(federation), recipient="spoke-a", command=command("kill", agent_id))))
+        killed = await again.read()
+        await again.done_writing()
+    assert state(wire_pb2.Envelope.FromString(killed.envelope.envelope).response.agent
+                 ) == "KILLED"
     assert processes_with_marker(agent_id) == []
