@@ -79,8 +79,7 @@ class EnvelopeInbox:
         try:
             sealed = await self.sealed_answer(
                 request, self.presented(context), accepts=accepts, refusal=refusal,
-                answer=answer,
-                reads_only=reads_only, in_one_transaction=in_one_transaction,
+                answer=answer, reads_only=reads_only, in_one_transaction=in_one_transaction,
                 answer_within=answer_within)
         except FleetwireError as err:
             await abort(context, err)

@@ -97,7 +97,6 @@ class SecurityView:
         return value
 
 
-
 class _Checked:
     """SecurityView.checked(): a class rather than an @asynccontextmanager, whose
     generator machinery costs more than the check itself on every message."""
