@@ -66,8 +66,9 @@ async def test_values_fixed_in_a_statement_go_with_the_callers_values(
         engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]) -> None:
     for token_id in ("tok-3", "tok-4"):
         await _add_token(sessions, token_id)
-    # expires_at_ms == 2 and pending == True are fixed in the statement; name comes from
-    # the caller, by a key that is not the bind's own name in the second statement.
+    # expires_at_ms == 2 is fixed in the statement, the name is the caller's; the update
+    # and the insert below mix fixed values and the caller's too (the insert's by
+    # column name).
     fixed = select(J.name).where(J.expires_at_ms == 2, J.name == bindparam("b_id"),
                                  J.pending.is_(True))
     direct = direct_for(engine)
