@@ -35,7 +35,8 @@ FINGERPRINT_PREFIX = "sha256:"
 @functools.lru_cache(maxsize=1024)
 def fingerprint(cert_pem: bytes) -> str:
     """sha256:HEX of the certificate's DER bytes (what `--hub-ca sha256:...` pins).
-    Cached: the inbox asks for it on every message, with the same few certificates."""
+    Cached: the inbox asks for it on every unary message (and once per command
+    stream), with the same few certificates."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
