@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spoke import procfs
+from spoke.shim import SUPERVISOR_FILE, read_json
 
 FLEETWIRE = [sys.executable, "-m", "shared.cli"]
 READY_TIMEOUT_SECONDS = 30.0
@@ -167,13 +168,27 @@ class LocalFederation:
         return found
 
     def close(self) -> None:
-        """Stop every daemon and kill anything their agents left running."""
+        """Stop every daemon and kill anything their agents left running; wait for the
+        agents' supervisors to record that and clean up after them (cgroups, uids)."""
         for daemon in reversed(self.daemons):
             daemon.stop()
         self.daemons.clear()
         for name in self.homes:
             for proc in self.agent_processes(name):
                 procfs.signal_process(proc, signal.SIGKILL)
+        for home in self.homes.values():
+            _await_supervisors(home / "run")
+
+
+def _await_supervisors(run_root: Path, timeout: float = 10.0) -> None:
+    """Wait for the supervisors whose agents were killed to finish; SIGKILL any left."""
+    deadline = time.monotonic() + timeout
+    for record in run_root.glob(f"*/{SUPERVISOR_FILE}"):
+        found = read_json(record) or {}
+        pid, start = int(found.get("pid", 0)), int(found.get("start_time") or 0)
+        while procfs.is_same_process(pid, start) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        procfs.signal_pid(pid, start, signal.SIGKILL)
 
 
 def _read_ready_line(proc: subprocess.Popen[str], log_path: Path) -> tuple[str, str]:

@@ -93,16 +93,29 @@ class SpokeConfig:
     heartbeat_seconds: float = 5.0
     # Most agents running at once on this spoke, all tenants together; 0: no limit.
     max_agents: int = 0
+    # Most agents of one tenant running at once on this spoke; 0: an equal share of
+    # max_agents among the spoke's tenants (no limit when max_agents is 0).
+    max_agents_per_tenant: int = 0
     # Caps no template may exceed, and the limits of templates that set none; 0: none.
     cap_memory_mb: int = 0
     cap_cpu_seconds: int = 0
     cap_open_files: int = 0
     cap_processes: int = 0
-    cap_log_mb: int = 0
+    cap_log_mb: int = 100
+    cap_cpu_percent: int = 0
     # Use cgroups where this machine allows; false: the watchdog alone (see README).
     use_cgroups: bool = True
     # Environment variables agents inherit from the spoke; everything else is dropped.
     pass_env: tuple[str, ...] = ("PATH", "LANG", "LC_ALL", "TZ")
+    # What agents get (README "What an agent can and cannot reach"): "auto" (the most
+    # this machine allows), "full" (own uid and namespaces: needs root), "namespaces"
+    # (user, PID and mount namespaces under the spoke's uid) or "none".
+    isolation: str = "auto"
+    # The uids (and gids) agents run under with isolation "full": unused by any user.
+    agent_uid_base: int = 1879048192
+    agent_uid_count: int = 65536
+    # Host folders agents may read (read-only) although they lie in a hidden place.
+    agent_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,15 @@ class TemplateConfig:
     max_open_files: int = 0
     max_processes: int = 0
     max_log_mb: int = 0
+    max_cpu_percent: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    # The least isolation a spoke must give this template's agents ("": any).
+    isolation: str = ""
+    # "none": a network namespace of its own with only loopback.
+    network: str = "host"
+    # Keep what the agent's first process leaves running when it exits (still killed
+    # with the agent); by default it is ended with it.
+    keep_descendants: bool = False
 
 
 @dataclass(frozen=True)
@@ -226,13 +247,25 @@ def _template(name: str, data: Any) -> TemplateConfig:
                             for n in LIMITS)):
         if not ok:
             raise InvalidArgument(f"{where}.{key} must be {rule}")
+    _one_of(f"{where}.isolation", tpl.isolation, ("", *ISOLATION_LEVELS))
+    _one_of(f"{where}.network", tpl.network, NETWORKS)
     return tpl
 
 
+def _one_of(label: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        shown = ", ".join(f'"{a}"' for a in allowed if a)
+        raise InvalidArgument(f"{label}: {value!r} is not one of {shown}")
+
+
 # Limits where 0 means "no limit".
-_ZERO_IS_UNLIMITED = frozenset({"max_agents", "cap_memory_mb", "cap_cpu_seconds",
-                                "cap_open_files", "cap_processes", "cap_log_mb"})
-LIMITS = ("memory_mb", "cpu_seconds", "open_files", "processes", "log_mb")
+_ZERO_IS_UNLIMITED = frozenset({"max_agents", "max_agents_per_tenant", "cap_memory_mb",
+                                "cap_cpu_seconds", "cap_open_files", "cap_processes",
+                                "cap_log_mb", "cap_cpu_percent"})
+LIMITS = ("memory_mb", "cpu_seconds", "open_files", "processes", "log_mb", "cpu_percent")
+ISOLATION_LEVELS = ("none", "namespaces", "full")
+SPOKE_ISOLATION = ("auto", *ISOLATION_LEVELS)
+NETWORKS = ("host", "none")
 
 
 def _check_positive(sections: dict[str, Any], label: Callable[[str, str], str]) -> None:
@@ -387,6 +420,12 @@ def load_config(home: Path, environ: Mapping[str, str] | None = None) -> Config:
             raise InvalidArgument("[templates] must be a table of [templates.NAME] tables")
         templates = {n: _template(n, t) for n, t in raw_templates.items()}
         _check_positive(built, label)
+        spoke = built.get("spoke", SpokeConfig())
+        _one_of(label("spoke", "isolation"), spoke.isolation, SPOKE_ISOLATION)
+        for path in spoke.agent_paths:
+            if not path.startswith("/"):
+                raise InvalidArgument(f"{label('spoke', 'agent_paths')}: {path!r} is not an "
+                                      "absolute path")
         if data:
             raise InvalidArgument(f"{', '.join(sorted(data))}: unknown section")
         cfg = Config(home=home, name=name, templates=templates, sources=sources, **built)
@@ -439,17 +478,34 @@ max_grace_seconds = 300
 heartbeat_seconds = 5
 # Most agents running at once on this spoke, all tenants together (0: no limit).
 max_agents = 0
+# Most agents of one tenant at once; 0: an equal share of max_agents among this spoke's
+# tenants, so one tenant cannot take every place (set it to max_agents to allow that).
+max_agents_per_tenant = 0
 # Caps for every agent's process tree that no template may exceed (0: none). A template
-# sets its own with max_memory_mb, max_cpu_seconds, max_open_files, max_processes and
-# max_log_mb. See the README for how each is enforced on this machine.
+# sets its own with max_memory_mb, max_cpu_seconds, max_open_files, max_processes,
+# max_log_mb and max_cpu_percent (100: one core). See the README for how each is
+# enforced on this machine.
 cap_memory_mb = 0
 cap_cpu_seconds = 0
 cap_open_files = 0
 cap_processes = 0
-cap_log_mb = 0
+# Each agent's log keeps its newest output, at most this many MiB in two files.
+cap_log_mb = 100
+cap_cpu_percent = 0
 # Let the kernel enforce memory and process limits through cgroups where it can.
 use_cgroups = true
 pass_env = ["PATH", "LANG", "LC_ALL", "TZ"]
+# What agents can reach (README: "What an agent can and cannot reach"): "auto" gives the
+# most this machine allows: "full" as root (each agent its own uid, PID and mount
+# namespaces), else "namespaces" (a user namespace under the spoke's uid). "none" runs
+# agents as plain processes of the spoke's user, and is never chosen unless set here.
+isolation = "auto"
+# The uids and gids agents get with "full": a range no user of this machine has.
+agent_uid_base = 1879048192
+agent_uid_count = 65536
+# Folders agents may read although they lie where agents see nothing (/home, /root,
+# /tmp, /run/user): say, where a template's program is installed.
+agent_paths = []
 
 # Agent templates. argv items are passed as separate arguments, never through a shell.
 # Placeholders: {{python}} {{task}} {{agent_id}} {{tenant}} {{workspace}} {{workdir}}

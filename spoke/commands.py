@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -51,10 +51,14 @@ from spoke import procfs
 from spoke.drain import WATCH_SECONDS as DRAIN_WATCH_SECONDS
 from spoke.drain import drain_reason
 from spoke.grants import TenantGrant, tenant_grant
-from spoke.limits import AgentCgroups, CgroupSupport, Limits
+from spoke.isolation import Isolation, UidPool, exposed_paths
+from spoke.launcher import Launcher, LaunchFailed
+from spoke.limits import CgroupPlan, CgroupSupport, Limits
 from spoke.logs import read_tail
-from spoke.store import FINAL_STATES, AgentLedger, Quotas, ScopedAgents, to_wire
-from spoke.supervisor import AgentSupervisor, Ending, Launched, LaunchSpec
+from spoke.sandbox import FULL, NONE, View
+from spoke.shim import EXIT_FILE, SUPERVISOR_FILE, ShimPlan, read_json, release_claim
+from spoke.store import FINAL_STATES, AgentLedger, Quotas, ScopedAgents, record_of, to_wire
+from spoke.supervisor import AgentSupervisor, Ending, Launched, ending_of, forget, sweep
 from spoke.templates import MAX_TASK_CHARS, check_text, describe_templates, render_argv
 
 log = logging.getLogger(__name__)
@@ -79,7 +83,8 @@ class _Target:
 
 class SpokeCommands:
     def __init__(self, cfg: Config, sessions: async_sessionmaker[AsyncSession],
-                 trail: AuditTrail, metrics: Metrics, view: SecurityView) -> None:
+                 trail: AuditTrail, metrics: Metrics, view: SecurityView,
+                 launcher: Launcher, isolation: Isolation) -> None:
         self._cfg = cfg
         self._sessions = sessions
         # Grants and workspaces, read once and kept while the security epoch stands.
@@ -88,8 +93,15 @@ class SpokeCommands:
         self._metrics = metrics
         self.agents = ScopedAgents(trail)
         self.ledger = AgentLedger(trail)
-        self.supervisor = AgentSupervisor(on_exit=self._record_ending)
+        self.isolation = isolation
+        self.run_root = launcher.run_dir
+        self.supervisor: AgentSupervisor[wire_pb2.Agent | None] = AgentSupervisor(
+            launcher, on_exit=self._record_ending)
         self.cgroups = CgroupSupport(cfg.name, cfg.spoke.use_cgroups)
+        self.uids = (UidPool(cfg.spoke.agent_uid_base, cfg.spoke.agent_uid_count)
+                     if isolation.level == FULL else None)
+        self._exposed = exposed_paths(cfg)
+        self._running_note = f"isolation {isolation.level}"
         log.info("resource limits on this machine: %s", self.cgroups.describe())
 
     async def handle(self, peer: str, command: wire_pb2.Command,
@@ -223,6 +235,7 @@ class SpokeCommands:
                 # The same spawn again (its first run was cut off by a restart): one agent.
                 return to_wire(existing)
             raise InvalidArgument(f"agent id '{req.agent_id}' is already in use; use a new id")
+        self.isolation.check(template.name, template.isolation, self._cfg.name)
         assert scope.workspace is not None
         base = self._cfg.workspaces_root / scope.tenant / scope.workspace
         workdir = base / "agents" / req.agent_id
@@ -239,45 +252,57 @@ class SpokeCommands:
             "FLEETWIRE_SPOKE": self._cfg.name, "HOME": str(workdir),
             "PYTHONUNBUFFERED": "1",
         })
-        await self.agents.create(models.Agent(
+        claim = self.uids.claim() if self.uids is not None else None
+        agent = models.Agent(
             agent_id=req.agent_id, tenant=scope.tenant, workspace=scope.workspace,
             template=template.name, task=req.task, principal=scope.principal.name,
             peer=scope.peer, state="PENDING", reason="starting", workdir=str(workdir),
             log_path=str(log_path), grace_ms=int(template.grace_seconds * 1000),
-            created_at_ms=now_ms()), AuditEntry(
+            created_at_ms=now_ms())
+        try:
+            await self.agents.create(agent, AuditEntry(
                 action="agent.spawn", outcome=ALLOWED, tenant=scope.tenant,
                 workspace=scope.workspace, principal=scope.principal.name, peer=scope.peer,
                 target=req.agent_id, message_id=message_id,
                 reason=f"template {template.name}"), Quotas(
-                workspace=workspace.max_agents, template=template.max_concurrent or None,
-                spoke=self._cfg.spoke.max_agents or None))
+                    workspace=workspace.max_agents, template=template.max_concurrent or None,
+                    spoke=self._cfg.spoke.max_agents or None,
+                    tenant=self._cfg.spoke.max_agents_per_tenant or None))
+        except BaseException:
+            if claim is not None:
+                release_claim(claim[1])
+            raise
         limits = Limits(**{f"{n}": effective_limit(template, self._cfg.spoke, n)
                            for n in LIMITS})
-        groups = (AgentCgroups(self.cgroups, req.agent_id, limits)
-                  if limits != Limits() else None)
-        spec = LaunchSpec(agent_id=req.agent_id, argv=argv, workdir=workdir,
-                          log_path=log_path, env=env,
-                          max_runtime_seconds=template.max_runtime_seconds,
-                          grace_seconds=template.grace_seconds, limits=limits, cgroups=groups)
+        plan = ShimPlan(
+            agent_id=req.agent_id, argv=argv, env=env, level=self.isolation.level,
+            view=View(home=str(self._cfg.home), workdir=str(workdir), expose=self._exposed,
+                      network=template.network != "none"),
+            log_path=str(log_path), log_cap_bytes=limits.log_mb << 20,
+            run_dir=str(self.run_root / req.agent_id),
+            max_runtime_seconds=template.max_runtime_seconds,
+            grace_seconds=template.grace_seconds,
+            uid=claim[0] if claim else -1, gid=claim[0] if claim else -1,
+            cgroups=self.cgroups.plan(req.agent_id, limits), open_files=limits.open_files,
+            cpu_seconds=limits.cpu_seconds, keep_descendants=template.keep_descendants,
+            limits={f.name: getattr(limits, f.name) for f in fields(limits)},
+            record=record_of(agent))
         try:
-            launched = self.supervisor.launch(spec)
-        except OSError as exc:
-            if groups is not None:
-                groups.remove()
-            now = await self.ledger.ended(req.agent_id, "FAILED", None,
-                                          f"could not start {argv[0]!r}: "
-                                          f"{exc.strerror or exc}")
+            launched = await self.supervisor.launch(plan, limits, claim[1] if claim else None)
+        except LaunchFailed as exc:
+            now = await self.ledger.ended(req.agent_id, "FAILED", None, str(exc))
+            forget(Path(plan.run_dir))
         else:
-            note = (f"running; limits enforced: {self.cgroups.describe()}"
-                    if limits != Limits() else "running")
+            enforced = (f"; limits enforced: {self.cgroups.describe()}"
+                        if replace(limits, log_mb=0) != Limits() else "")
             now = await self.ledger.started(req.agent_id, launched.pid, launched.start_time,
-                                            note)
+                                            f"running ({self._running_note}{enforced})")
             self.supervisor.watch(req.agent_id)
         if now is None:
             # Ended meanwhile by someone else (a drain): answer what the record says.
-            agent = await self.agents.get(req.agent_id)
-            assert agent is not None
-            return to_wire(agent)
+            ended = await self.agents.get(req.agent_id)
+            assert ended is not None
+            return to_wire(ended)
         return now
 
     async def _create_workspace(self, command: wire_pb2.Command,
@@ -315,10 +340,12 @@ class SpokeCommands:
             ended = await self.supervisor.kill(agent.agent_id, grace_ms / 1000, reason,
                                                by=principal.name, message_id=message_id)
         else:
-            # Live in the record but not supervised: recover() found it gone.
-            ended = await self.ledger.ended(agent.agent_id, "LOST", None,
-                                            "the process was gone when the kill arrived",
-                                            by=principal.name, message_id=message_id)
+            # Live in the record but not supervised: recover() found its supervisor gone.
+            found = await asyncio.to_thread(self._sweep, agent)
+            ended = await self.ledger.ended(
+                agent.agent_id, "LOST", None,
+                f"its supervisor was gone when the kill arrived; {found}",
+                by=principal.name, message_id=message_id)
         if ended is not None:
             return ended
         # It ended otherwise meanwhile (by itself, or by a drain): the record says how.
@@ -336,9 +363,11 @@ class SpokeCommands:
                 await self.supervisor.kill(agent.agent_id, agent.grace_ms / 1000, why,
                                            by="local:drain")
             else:
-                await self.ledger.ended(agent.agent_id, "LOST", None,
-                                        "the process was gone when the spoke drained",
-                                        by="local:drain")
+                found = await asyncio.to_thread(self._sweep, agent)
+                await self.ledger.ended(
+                    agent.agent_id, "LOST", None,
+                    f"its supervisor was gone when the spoke drained; {found}",
+                    by="local:drain")
 
         await asyncio.gather(*(stop(a) for a in live))
         return len(live)
@@ -358,22 +387,54 @@ class SpokeCommands:
                                        ending.reason, by=ending.by,
                                        message_id=ending.message_id)
 
+    def _sweep(self, agent: models.Agent) -> str:
+        """Kill what is left of an agent without a supervisor; says what was found."""
+        record = read_json(self.run_root / agent.agent_id / SUPERVISOR_FILE) or {}
+        groups = record.get("cgroups") or {}
+        root = (Launched(agent.pid, agent.pid_start_time)
+                if agent.pid and agent.pid_start_time and not record else None)
+        found = sweep(agent.agent_id, CgroupPlan(dirs=dict(groups.get("dirs", {}))), root)
+        forget(self.run_root / agent.agent_id)
+        return (f"{found} of its processes were still running and were killed" if found
+                else "nothing of it was left running")
+
     async def recover(self) -> None:
-        """At start-up: re-adopt agents whose recorded pid still has its recorded start
-        time; mark the others LOST. A pid whose start time differs is never touched."""
+        """At start-up, for each agent the record says is live: collect how it ended
+        from its supervisor's record; or watch its supervisor again (its pid and start
+        time matched; a pid whose start time differs is never touched); or, where the
+        supervisor is gone too, kill what is left and mark it LOST."""
         for agent in await self.ledger.live():
-            if not (agent.pid and agent.pid_start_time
-                    and procfs.is_same_process(agent.pid, agent.pid_start_time)):
-                await self.ledger.ended(agent.agent_id, "LOST", None,
-                                        "the process was gone when the spoke restarted")
+            run_dir = self.run_root / agent.agent_id
+            record = read_json(run_dir / SUPERVISOR_FILE)
+            if (run_dir / EXIT_FILE).exists():
+                ending = ending_of(read_json(run_dir / EXIT_FILE) or {})
+                await self._record_ending(agent.agent_id, ending)
+                forget(run_dir)
+                log.info("agent %s ended while the spoke was down: %s", agent.agent_id,
+                         ending.reason)
                 continue
-            template = self._cfg.templates.get(agent.template)
-            max_runtime = template.max_runtime_seconds if template else float("inf")
-            elapsed = (now_ms() - (agent.started_at_ms or agent.created_at_ms)) / 1000
-            spec = LaunchSpec(agent_id=agent.agent_id, argv=[], workdir=Path(agent.workdir),
-                              log_path=Path(agent.log_path), env={},
-                              max_runtime_seconds=max_runtime,
-                              grace_seconds=agent.grace_ms / 1000)
-            self.supervisor.adopt(spec, Launched(agent.pid, agent.pid_start_time),
-                                  runtime_left=max_runtime - elapsed)
-            log.info("re-adopted agent %s (pid %d)", agent.agent_id, agent.pid)
+            if record is not None and procfs.is_same_process(
+                    int(record.get("pid", 0)), int(record.get("start_time") or 0)):
+                launched = Launched(int(record["pid"]), int(record["start_time"]))
+                if agent.state == "PENDING":
+                    await self.ledger.started(agent.agent_id, launched.pid,
+                                              launched.start_time,
+                                              f"running ({self._running_note})")
+                groups = record.get("cgroups") or {}
+                self.supervisor.adopt(
+                    agent.agent_id, run_dir, launched,
+                    Limits(**(record.get("limits") or {})),
+                    CgroupPlan(dirs=dict(groups.get("dirs", {}))),
+                    isolated=record.get("level") != NONE,
+                    grace_seconds=float(record.get("grace_seconds", agent.grace_ms / 1000)))
+                log.info("re-adopted agent %s (supervisor pid %d)", agent.agent_id,
+                         launched.pid)
+                continue
+            if record is None and agent.state == "PENDING":
+                await self.ledger.ended(agent.agent_id, "FAILED", None,
+                                        "the spoke stopped before the agent started")
+                continue
+            found = await asyncio.to_thread(self._sweep, agent)
+            await self.ledger.ended(agent.agent_id, "LOST", None,
+                                    f"its supervisor was gone when the spoke restarted; "
+                                    f"{found}")

@@ -28,12 +28,30 @@ from shared.rotation import KeyAnnouncer
 from shared.rpc import Listen, refuse_plaintext_off_loopback, start_server
 from shared.security_view import SecurityView
 from spoke.commands import SpokeCommands
+from spoke.isolation import Isolation, check_uid_range, choose
+from spoke.launcher import Launcher
 from spoke.reporter import StatusReporter
+from spoke.sandbox import FULL, NONE
 from spoke.service import SpokeService
 from spoke.store import agents_by_state, outbox_depth
 from spoke.supervisor import raise_open_file_limit
 
 log = logging.getLogger(__name__)
+
+# Under the home: the launcher's lock and each supervisor's run folder.
+RUN_DIR = "run"
+
+
+def announce_isolation(isolation: Isolation) -> None:
+    if isolation.refusal:
+        log.error("AGENTS CANNOT START ON THIS SPOKE: %s", isolation.refusal)
+    elif isolation.level == NONE:
+        log.warning("ISOLATION IS OFF: agents run as plain processes of the spoke's user "
+                    "and can read its keys, its database and every other agent's files "
+                    "([spoke] isolation = \"none\")")
+    else:
+        log.info("agents are isolated: %s%s", isolation.level,
+                 f" (not more: {isolation.limited_by})" if isolation.limited_by else "")
 
 
 async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
@@ -54,7 +72,19 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
     # One view of keys, grants and workspaces for everything this daemon checks.
     view = SecurityView(sessions)
     keyring = DbKeyring(sessions, view=view)
-    commands = SpokeCommands(cfg, sessions, trail, metrics, view)
+    launcher = Launcher(cfg.home / RUN_DIR)
+    try:
+        # No supervisor of a previous run may be starting while recover() looks.
+        await launcher.fence()
+        isolation = choose(cfg, await launcher.start())
+        if isolation.level == FULL:
+            check_uid_range(cfg)
+    except BaseException:
+        await launcher.close()
+        await metrics.close()
+        raise
+    announce_isolation(isolation)
+    commands = SpokeCommands(cfg, sessions, trail, metrics, view, launcher, isolation)
     inbox = EnvelopeInbox(identity, keyring, memory, trail, metrics,
                           skew_ms=cfg.wire.max_clock_skew_seconds * 1000,
                           mutual_tls=certs is not None, view=view)
@@ -73,6 +103,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         ], cfg.keepalive)
     except BaseException:
         commands.cgroups.close()
+        await launcher.close()
         await metrics.close()
         raise
     announce("spoke", cfg, listen.rpartition(":")[0], port, metrics=metrics_at)
@@ -97,6 +128,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         await reporter.close()
         commands.supervisor.detach()
         commands.cgroups.close()
+        await launcher.close()
         await metrics.close()
         await dispose(engine)
 

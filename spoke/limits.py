@@ -1,28 +1,34 @@
 """Resource limits of an agent's whole process tree, and how each is enforced here.
 
-Where the machine lets the spoke make cgroups (v1 controllers, or v2 with delegation),
-memory and process count are enforced by the kernel for the whole tree and CPU time is
-measured for the whole tree. Elsewhere the spoke degrades and says so: the watchdog
-sums memory, CPU time and processes over the agent's processes from /proc and stops the
-agent once past a limit. Open files are an rlimit of every process (what Linux offers).
-Log size is enforced by the watchdog, which cuts the log without touching the agent.
+The spoke gives every agent cgroups where the machine lets it make them:
+- cgroup v2 with its controllers delegated: memory.max, pids.max and cpu.max, enforced
+  by the kernel for the whole tree;
+- cgroup v1 (or a hybrid host such as this project's CI machine): the memory, pids, cpu
+  and cpuacct hierarchies, the same limits by their v1 names;
+- any cgroup v2 hierarchy, even one without controllers (a hybrid host's "unified"
+  mount): membership that no process can leave, and cgroup.kill.
+
+What no cgroup enforces here, the spoke's watchdog does: it sums memory, CPU time and
+processes over the agent's processes and stops the agent once past a limit. Open files
+and CPU time per process are rlimits. Logs are capped by the agent's supervisor, which
+writes them (spoke/logs.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from spoke import procfs
 
-log = logging.getLogger(__name__)
-
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+# The period a CPU share is measured over (the kernel's default).
+CPU_PERIOD_US = 100_000
+V2 = "v2"
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,8 @@ class Limits:
     open_files: int = 0
     processes: int = 0
     log_mb: int = 0
+    # Share of one CPU the tree may use (100: one core).
+    cpu_percent: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,28 +51,177 @@ class Usage:
     processes: int
 
 
+@dataclass(frozen=True)
+class CgroupPlan:
+    """The cgroups of one agent: made and filled in by its supervisor before the agent
+    starts, removed once nothing of it is left. Paths by controller ("v2" for the v2
+    hierarchy, whatever controllers it has)."""
+
+    dirs: dict[str, str] = field(default_factory=dict)
+    # (path of a control file, value) to write once the folders exist.
+    settings: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def kill_file(self) -> str:
+        """cgroup.kill of the agent's v2 cgroup ("" without one)."""
+        return f"{self.dirs[V2]}/cgroup.kill" if V2 in self.dirs else ""
+
+    def create(self) -> None:
+        """Make the folders and write the limits; an OSError names what failed."""
+        for d in self.dirs.values():
+            os.makedirs(d, exist_ok=True)
+        for path, value in self.settings:
+            with open(path, "w") as f:
+                f.write(value)
+
+    def join_files(self) -> list[str]:
+        return [f"{d}/cgroup.procs" for d in self.dirs.values()]
+
+    def kill(self) -> bool:
+        """SIGKILL every process in the agent's v2 cgroup; False without cgroup.kill."""
+        if not self.kill_file:
+            return False
+        try:
+            with open(self.kill_file, "w") as f:
+                f.write("1")
+        except OSError:
+            return False
+        return True
+
+    def processes(self) -> list[procfs.ProcStat] | None:
+        """The agent's live processes as the kernel tracks them; None when there is no
+        cgroup to ask."""
+        for d in self.dirs.values():
+            try:
+                pids = Path(d, "cgroup.procs").read_text().split()
+            except OSError:
+                continue
+            stats = (procfs.read_stat(int(pid)) for pid in pids)
+            return [st for st in stats if st is not None and st.alive]
+        return None
+
+    def usage(self) -> dict[str, float]:
+        """What the kernel counts for the tree: memory bytes, CPU seconds, processes."""
+        out: dict[str, float] = {}
+        reads = (("memory", "memory", "memory.usage_in_bytes", 1.0),
+                 ("memory", V2, "memory.current", 1.0),
+                 ("cpu", "cpuacct", "cpuacct.usage", 1e-9),
+                 ("pids", "pids", "pids.current", 1.0),
+                 ("pids", V2, "pids.current", 1.0))
+        for name, controller, filename, scale in reads:
+            if name in out or controller not in self.dirs:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                out[name] = int(Path(self.dirs[controller], filename).read_text()) * scale
+        if "cpu" not in out and V2 in self.dirs:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(self.dirs[V2], "cpu.stat").read_text().split()
+                out["cpu"] = int(stat[stat.index("usage_usec") + 1]) / 1e6
+        return out
+
+    def memory_limit_hit(self) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            if "memory" in self.dirs:
+                return int(Path(self.dirs["memory"], "memory.failcnt").read_text()) > 0
+            if V2 in self.dirs:
+                events = Path(self.dirs[V2], "memory.events").read_text().split()
+                return int(events[events.index("oom_kill") + 1]) > 0
+        return False
+
+    def remove(self) -> bool:
+        """Remove the folders; False while a process is still in one."""
+        gone = True
+        for d in self.dirs.values():
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                gone = False
+        return gone
+
+
 class CgroupSupport:
-    """Which controllers the spoke may use here, found by trying once at start-up."""
+    """Which cgroups the spoke may make here, found by trying once at start-up."""
 
     def __init__(self, spoke: str, enabled: bool = True) -> None:
         self.bases: dict[str, Path] = {}
+        # Controllers the v2 base offers its children (a subset of memory, pids, cpu).
+        self.v2_controllers: frozenset[str] = frozenset()
         if enabled:
             self._probe(spoke)
 
     def _probe(self, spoke: str) -> None:
         own = _own_cgroups()
-        for controller in ("memory", "pids", "cpuacct"):
+        name = f"fleetwire-{spoke}"
+        for controller in ("memory", "pids", "cpuacct", "cpu"):
             mount = CGROUP_ROOT / controller
-            if not (mount / "cgroup.procs").exists():
-                continue
-            base = mount / own.get(controller, "").lstrip("/") / f"fleetwire-{spoke}"
-            probe = base / "probe"
-            try:
-                probe.mkdir(parents=True, exist_ok=True)
-                probe.rmdir()
-            except OSError:
-                continue
-            self.bases[controller] = base
+            if (mount / "cgroup.procs").exists() and not _is_v2(mount):
+                base = mount / own.get(controller, "").lstrip("/") / name
+                if _can_make(base):
+                    self.bases[controller] = base
+        v2_mount = next((m for m in (CGROUP_ROOT, CGROUP_ROOT / "unified") if _is_v2(m)), None)
+        if v2_mount is not None:
+            own_v2 = v2_mount / own.get("", "").lstrip("/")
+            base = own_v2 / name
+            if _can_make(base):
+                self.bases[V2] = base
+                self.v2_controllers = _delegate(own_v2, base)
+
+    def plan(self, agent_id: str, limits: Limits) -> CgroupPlan:
+        """The agent's cgroups: the v2 one wherever there is a v2 hierarchy (exact
+        membership, cgroup.kill), and of the v1 hierarchies only those its limits need
+        (joining each costs its start a lock the kernel takes machine-wide)."""
+        v2 = self.v2_controllers
+        needed = {V2, *(c for c, wanted in (
+            ("memory", limits.memory_mb), ("pids", limits.processes),
+            ("cpuacct", limits.cpu_seconds), ("cpu", limits.cpu_percent)) if wanted)}
+        dirs = {c: str(base / agent_id) for c, base in self.bases.items() if c in needed}
+        settings: list[tuple[str, str]] = []
+
+        def put(controller: str, filename: str, value: int | str) -> None:
+            settings.append((f"{dirs[controller]}/{filename}", str(value)))
+
+        if limits.memory_mb:
+            if "memory" in v2:
+                put(V2, "memory.max", limits.memory_mb << 20)
+                put(V2, "memory.swap.max", 0)
+            elif "memory" in dirs:
+                put("memory", "memory.limit_in_bytes", limits.memory_mb << 20)
+        if limits.processes:
+            if "pids" in v2:
+                put(V2, "pids.max", limits.processes)
+            elif "pids" in dirs:
+                put("pids", "pids.max", limits.processes)
+        if limits.cpu_percent:
+            quota = limits.cpu_percent * CPU_PERIOD_US // 100
+            if "cpu" in v2:
+                put(V2, "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            elif "cpu" in dirs:
+                put("cpu", "cpu.cfs_period_us", CPU_PERIOD_US)
+                put("cpu", "cpu.cfs_quota_us", quota)
+        if V2 in dirs and "memory" in v2:
+            # The OOM killer takes the whole tree, not one process of it.
+            put(V2, "memory.oom.group", 1)
+        return CgroupPlan(dirs=dirs, settings=tuple(settings))
+
+    def enforced(self) -> dict[str, str]:
+        """How each limit is enforced here, for logs, heartbeats and errors."""
+        v2 = self.v2_controllers
+        by_kernel = {
+            "memory": "memory" in v2 or "memory" in self.bases,
+            "processes": "pids" in v2 or "pids" in self.bases,
+            "cpu share": "cpu" in v2 or "cpu" in self.bases,
+        }
+        out = {k: "cgroup" if v else "watchdog" for k, v in by_kernel.items()}
+        out["cpu share"] = out["cpu share"] if by_kernel["cpu share"] else "not enforced"
+        out["cpu time"] = ("cgroup accounting + rlimit"
+                           if "cpuacct" in self.bases or "cpu" in v2 else "watchdog + rlimit")
+        out["kill"] = "cgroup.kill" if V2 in self.bases else "process tree"
+        return out
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} by {v}" for k, v in self.enforced().items())
 
     def close(self) -> None:
         """Remove the spoke's own cgroup folders if no agent is left in them (a stopping
@@ -73,17 +230,45 @@ class CgroupSupport:
             with contextlib.suppress(OSError):
                 base.rmdir()
 
-    def describe(self) -> str:
-        how = {
-            "memory": "cgroup" if "memory" in self.bases else "watchdog (sum of RSS)",
-            "processes": "cgroup" if "pids" in self.bases else "watchdog (count)",
-            "cpu": ("cgroup accounting + rlimit" if "cpuacct" in self.bases
-                    else "watchdog (sum of CPU time) + rlimit"),
-        }
-        return ", ".join(f"{k} by {v}" for k, v in how.items())
+
+def _is_v2(mount: Path) -> bool:
+    return (mount / "cgroup.controllers").exists()
+
+
+def _can_make(base: Path) -> bool:
+    probe = base / "probe"
+    try:
+        probe.mkdir(parents=True, exist_ok=True)
+        probe.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def _delegate(own: Path, base: Path) -> frozenset[str]:
+    """Enable memory, pids and cpu for the agents' cgroups below base, as far as the
+    hierarchy offers them; the ones that could be enabled."""
+    wanted = {"memory", "pids", "cpu"}
+    offered = set(_read_words(own / "cgroup.controllers")) & wanted
+    enabled: set[str] = set()
+    for parent in (own, base):
+        for controller in sorted(offered):
+            with contextlib.suppress(OSError):
+                (parent / "cgroup.subtree_control").write_text(f"+{controller}")
+        enabled = set(_read_words(parent / "cgroup.subtree_control")) & offered
+        offered = enabled
+    return frozenset(enabled)
+
+
+def _read_words(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []
 
 
 def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup path by controller ("" for the v2 hierarchy)."""
     out: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/cgroup").read_text().splitlines():
@@ -91,62 +276,6 @@ def _own_cgroups() -> dict[str, str]:
             for c in controllers.split(","):
                 out[c] = path
     return out
-
-
-class AgentCgroups:
-    """The cgroups of one agent (possibly none), made before it starts."""
-
-    def __init__(self, support: CgroupSupport, agent_id: str, limits: Limits) -> None:
-        self.dirs: dict[str, Path] = {}
-        for controller, base in support.bases.items():
-            d = base / agent_id
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-                if controller == "memory" and limits.memory_mb:
-                    (d / "memory.limit_in_bytes").write_text(str(limits.memory_mb << 20))
-                if controller == "pids" and limits.processes:
-                    (d / "pids.max").write_text(str(limits.processes))
-            except OSError as exc:
-                log.warning("cgroup %s for agent %s not usable: %s", controller, agent_id, exc)
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-                continue
-            self.dirs[controller] = d
-
-    def usage(self) -> dict[str, float]:
-        """What the kernel counts for the tree: memory bytes, CPU seconds, processes."""
-        out: dict[str, float] = {}
-        with contextlib.suppress(OSError, ValueError):
-            if "memory" in self.dirs:
-                out["memory"] = int((self.dirs["memory"] / "memory.usage_in_bytes").read_text())
-            if "cpuacct" in self.dirs:
-                out["cpu"] = int((self.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
-            if "pids" in self.dirs:
-                out["pids"] = int((self.dirs["pids"] / "pids.current").read_text())
-        return out
-
-    def processes(self) -> list[procfs.ProcStat] | None:
-        """The agent's live processes as the kernel tracks them (everything it started
-        stays in its cgroups, setsid or not); None when there is no cgroup to ask."""
-        for d in self.dirs.values():
-            try:
-                pids = (d / "cgroup.procs").read_text().split()
-            except OSError:
-                continue
-            stats = (procfs.read_stat(int(pid)) for pid in pids)
-            return [st for st in stats if st is not None and st.alive]
-        return None
-
-    def memory_limit_hit(self) -> bool:
-        with contextlib.suppress(OSError, ValueError):
-            if "memory" in self.dirs:
-                return int((self.dirs["memory"] / "memory.failcnt").read_text()) > 0
-        return False
-
-    def remove(self) -> None:
-        for d in self.dirs.values():
-            with contextlib.suppress(OSError):
-                d.rmdir()
 
 
 def tree_usage(procs: list[procfs.ProcStat]) -> Usage:
@@ -158,25 +287,3 @@ def tree_usage(procs: list[procfs.ProcStat]) -> Usage:
             fields = (procfs.PROC / str(p.pid) / "stat").read_text().rsplit(")", 1)[1].split()
             cpu += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
     return Usage(memory_bytes=rss, cpu_seconds=cpu / _TICKS, processes=len(procs))
-
-
-LOG_CUT_MARK = b"\n[fleetwire: log cut at the size limit; later output is dropped]\n"
-
-
-def cap_log(path: Path, limit_bytes: int) -> bool:
-    """Keep the log at most limit_bytes plus a note; True if it was cut now. The agent
-    keeps writing (O_APPEND) and loses only what lands past the cap."""
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return False
-    if size <= limit_bytes + len(LOG_CUT_MARK):
-        return False
-    with open(path, "r+b") as f:
-        f.seek(limit_bytes)
-        already = f.read(len(LOG_CUT_MARK)) == LOG_CUT_MARK
-        f.truncate(limit_bytes + len(LOG_CUT_MARK))
-        if not already:
-            f.seek(limit_bytes)
-            f.write(LOG_CUT_MARK)
-    return not already

@@ -6,10 +6,9 @@ opened after the start time was checked, so it can only reach the process we mea
 
 from __future__ import annotations
 
-import asyncio
+import _thread
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -76,7 +75,10 @@ def is_same_process(pid: int, recorded_start: int) -> bool:
 # A pass over /proc that started after a caller asked is as good, for that caller, as
 # one of its own: callers that wait for the same lock share the next pass. Many agents
 # killed at once then cost a few passes, not one each.
-_pass_lock = threading.Lock()
+# From _thread, and asyncio imported where it is used: this module runs in the spoke's
+# launcher too, and threading's and asyncio's at-fork hooks would make every one of its
+# forks several times slower.
+_pass_lock = _thread.allocate_lock()
 _snapshot: tuple[float, list[ProcStat]] = (-1.0, [])
 
 
@@ -172,6 +174,8 @@ async def wait_exit(pid: int, recorded_start: int | None) -> None:
     """Wait until this process (pid and start time) has exited; works for non-children,
     since a pidfd becomes readable when its process ends. recorded_start None: pid is
     a child of this process not yet reaped, which no other process can have."""
+    import asyncio
+
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -200,23 +204,16 @@ async def wait_exit(pid: int, recorded_start: int | None) -> None:
         os.close(fd)
 
 
+def signal_pid(pid: int, recorded_start: int, sig: signal.Signals) -> bool:
+    """Send sig to exactly this process (pid and start time), via a pidfd; False if it
+    is gone (or the pid is someone else's now)."""
+    return _send(pid, recorded_start, sig, 0)
+
+
 def signal_process(proc: ProcStat, sig: signal.Signals) -> bool:
     """Send sig to exactly this process (pid and start time), via a pidfd; False if it
     is gone (or the pid is someone else's now)."""
     return _send(proc.pid, proc.start_time, sig, 0)
-
-
-# pidfd_send_signal's flag (Linux 6.9+) for "the process group this pidfd's process
-# leads"; older kernels refuse it with EINVAL.
-PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2
-
-
-def signal_group(leader: int, leader_start: int, sig: signal.Signals) -> bool:
-    """Send sig to the process group led by exactly this process (pid and start time),
-    through its pidfd: the group cannot be another's, even if the pid is reused later.
-    False if the leader is gone or the kernel cannot do this (before Linux 6.9); the
-    caller then signals processes one by one."""
-    return _send(leader, leader_start, sig, PIDFD_SIGNAL_PROCESS_GROUP)
 
 
 def _send(pid: int, recorded_start: int, sig: signal.Signals, flags: int) -> bool:
@@ -235,3 +232,42 @@ def _send(pid: int, recorded_start: int, sig: signal.Signals, flags: int) -> boo
         return False  # ESRCH: it ended just now; EINVAL: flags this kernel lacks
     finally:
         os.close(fd)
+
+
+
+def children(pid: int) -> list[int]:
+    """The live children of pid: from /proc/PID/task/TID/children where the kernel has
+    it (CONFIG_PROC_CHILDREN), else from a pass over /proc."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for tid in tasks:
+        try:
+            found += [int(c) for c in _read(f"/proc/{pid}/task/{tid}/children").split()]
+        except FileNotFoundError:
+            return [s.pid for s in _all_stats() if s.ppid == pid]
+        except OSError:
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of pid. For a child subreaper (an agent's supervisor) this
+    is everything its agent started, setsid or not."""
+    by_parent: dict[int, list[int]] | None = None
+    if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):
+        by_parent = {}
+        for s in _all_stats():
+            by_parent.setdefault(s.ppid, []).append(s.pid)
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child in (by_parent.get(parent, []) if by_parent is not None
+                      else children(parent)):
+            if child not in found:
+                found.append(child)
+                frontier.append(child)
+    return found

@@ -43,6 +43,11 @@ def to_wire(agent: models.Agent) -> wire_pb2.Agent:
     return msg
 
 
+def record_of(agent: models.Agent) -> dict[str, object]:
+    """The agent's row as plain values (kept by its supervisor, see spoke/shim.py)."""
+    return {key: getattr(agent, key) for key in _AGENT_KEYS}
+
+
 async def count_live(session: AsyncSession) -> int:
     """How many agents on this spoke are PENDING or RUNNING (all tenants)."""
     return int((await session.execute(_COUNT_LIVE)).scalar_one())
@@ -79,6 +84,9 @@ class Quotas:
     workspace: int | None = None
     template: int | None = None  # in the workspace
     spoke: int | None = None  # across tenants
+    # Of one tenant on this spoke; None with a spoke quota: an equal share of it among
+    # the spoke's tenants.
+    tenant: int | None = None
 
 
 # Built once: asked on every command about an agent, and on every change of one.
@@ -147,10 +155,22 @@ _COUNT_LIVE = select(func.count()).select_from(models.Agent).where(_LIVE)
 _COUNT_IN_WS = _COUNT_LIVE.where(models.Agent.tenant == bindparam("b_tenant"),
                                  models.Agent.workspace == bindparam("b_ws"))
 _COUNT_OF_TEMPLATE = _COUNT_IN_WS.where(models.Agent.template == bindparam("b_template"))
+_COUNT_OF_TENANT = _COUNT_LIVE.where(models.Agent.tenant == bindparam("b_tenant"))
+_COUNT_TENANTS = select(func.count()).select_from(models.Tenant)
+
+
+def tenant_quota(tx: Statements, quotas: Quotas) -> int | None:
+    """The most live agents one tenant may have here (None: no limit)."""
+    if quotas.tenant is not None or quotas.spoke is None:
+        return quotas.tenant
+    found = tx.first(_COUNT_TENANTS, {})
+    tenants = max(int(found[0]) if found else 1, 1)
+    return -(-quotas.spoke // tenants)
 
 
 def _check_quota(tx: Statements, agent: models.Agent, quotas: Quotas) -> None:
     checks = [(quotas.spoke, _COUNT_LIVE, "this spoke"),
+              (tenant_quota(tx, quotas), _COUNT_OF_TENANT, f"tenant '{agent.tenant}'"),
               (quotas.workspace, _COUNT_IN_WS, f"workspace '{agent.workspace}'"),
               (quotas.template, _COUNT_OF_TEMPLATE,
                f"template '{agent.template}' in workspace '{agent.workspace}'")]
@@ -163,7 +183,8 @@ def _check_quota(tx: Statements, agent: models.Agent, quotas: Quotas) -> None:
         if running >= limit:
             # The spoke-wide count spans tenants: say it is full, never how full.
             detail = (f"is at its capacity ({limit} agents)" if what == "this spoke"
-                      else f"already runs {running} of at most {limit} agents")
+                      else f"already runs {running} of at most {limit} agents"
+                      + (" on this spoke" if what.startswith("tenant") else ""))
             raise ResourceExhausted(f"{what} {detail}; retry when one ends, or use "
                                     "another spoke", retry_after_ms=QUOTA_RETRY_AFTER_MS)
 

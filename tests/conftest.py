@@ -36,6 +36,10 @@ grace_seconds = 1
 argv = ["{{python}}", "{AGENTS / 'exit_with.py'}", "{{code}}", "{{task}}"]
 params = {{ code = "0" }}
 
+[templates.until-told]
+argv = ["{{python}}", "{AGENTS / 'until_told.py'}"]
+grace_seconds = 1
+
 [templates.short-lived]
 argv = ["{{python}}", "-c", "import time; time.sleep(60)"]
 max_runtime_seconds = 1

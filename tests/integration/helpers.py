@@ -30,11 +30,29 @@ async def eventually(check: Callable[[], Awaitable[bool]] | Callable[[], bool],
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def read_pid(path: Path) -> int | None:
+def read_number(path: Path) -> int | None:
     try:
         return int(path.read_text())
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, PermissionError):
         return None
+
+
+def read_pid(agent_id: str, path: Path) -> int | None:
+    """The host pid of the agent's process whose pid (as the agent sees it, in its own
+    PID namespace) is in path; None until the file is there."""
+    inner = read_number(path)
+    if inner is None:
+        return None
+    for pid in processes_with_marker(agent_id):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        nspids = next((line.split()[1:] for line in status.splitlines()
+                       if line.startswith("NSpid:")), [])
+        if nspids and int(nspids[-1]) == inner:
+            return pid
+    return None
 
 
 def pid_alive(pid: int) -> bool:

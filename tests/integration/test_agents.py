@@ -95,10 +95,10 @@ async def test_kill_leaves_no_survivor_even_when_sigterm_is_ignored(
         agent = await hub.spawn(spoke="spoke-b", workspace="research", template="stubborn",
                                 task="", params={})
         workdir = federation.agent_workdir("spoke-b", "acme", "research", agent.agent_id)
-        await eventually(lambda: read_pid(workdir / "agent.pid") is not None
-                         and read_pid(workdir / "grandchild.pid") is not None,
+        pids = (workdir / "agent.pid", workdir / "grandchild.pid")
+        await eventually(lambda: all(read_pid(agent.agent_id, p) for p in pids),
                          what="the stubborn agent and its grandchild to start")
-        root, grandchild = read_pid(workdir / "agent.pid"), read_pid(workdir / "grandchild.pid")
+        root, grandchild = (read_pid(agent.agent_id, p) for p in pids)
         assert root is not None and grandchild is not None
         assert pid_alive(root) and pid_alive(grandchild)
 

@@ -39,11 +39,11 @@ async def test_bulk_kill_of_fifty_leaves_no_survivor_within_grace_and_a_bound(
                             task=f"bulk {i}", params={}) for i in range(50)]
         agents = await asyncio.gather(*spawns)
         stubborn = [a for a in agents if a.template == "stubborn"]
-        workdirs = [fed.agent_workdir("spoke-ops", "acme", "bulk", a.agent_id)
-                    for a in stubborn]
-        await eventually(lambda: all(read_pid(w / "grandchild.pid") for w in workdirs),
+        files = [(a.agent_id, fed.agent_workdir("spoke-ops", "acme", "bulk", a.agent_id)
+                  / "grandchild.pid") for a in stubborn]
+        await eventually(lambda: all(read_pid(a, f) for a, f in files),
                          timeout=60, what="every stubborn agent's escaped grandchild")
-        grandchildren = [read_pid(w / "grandchild.pid") for w in workdirs]
+        grandchildren = [read_pid(a, f) for a, f in files]
 
         req = operator_pb2.KillAgentsRequest(workspace="bulk", reason="runaway batch",
                                              grace_ms=GRACE_MS)

@@ -244,7 +244,10 @@ async def test_logs_are_fetched_from_the_spoke_and_tenant_scoped(fed: Federation
             await globex.logs(agent.agent_id)
 
 
-async def test_spoke_killed_hard_readopts_and_marks_lost(fed: Federation) -> None:
+async def test_spoke_killed_hard_readopts_and_collects_how_agents_ended(
+        fed: Federation) -> None:
+    """A SIGKILLed spoke leaves its agents' supervisors running: the agent killed while
+    the spoke was down is recorded with how it ended (SIGKILL), not LOST."""
     async with client(fed) as hub:
         keep = await hub.spawn(spoke="spoke-a", workspace="lab", template="sleeper",
                                task="", params={})
@@ -258,10 +261,11 @@ async def test_spoke_killed_hard_readopts_and_marks_lost(fed: Federation) -> Non
             fed.fed.start, "spoke", "spoke-a", daemon.address)
 
         async def reconciled() -> bool:
-            return (await registry_state(hub, gone.agent_id) == "LOST"
+            return (await registry_state(hub, gone.agent_id) == "FAILED"
                     and await registry_state(hub, keep.agent_id) == "RUNNING")
 
-        await eventually(reconciled, what="LOST reported, the live agent kept")
+        await eventually(reconciled, what="the end reported, the live agent kept")
+        assert "SIGKILL" in (await hub.status(gone.agent_id)).reason
         killed = await hub.kill(keep.agent_id, grace_ms=2000)
         assert state(killed) == "KILLED" and processes_with_marker(keep.agent_id) == []
 
