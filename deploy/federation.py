@@ -421,8 +421,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     fed = demo.LocalFederation(root=root)
     fed.homes = {n: Path(h) for n, h in state.get("homes", {}).items()}
     left = [p for n in fed.homes for p in fed.agent_processes(n)]
-    for proc in left:
-        procfs.signal_process(proc, signal.SIGKILL)
+    fed.close()  # kills them, and waits for their supervisors to clean up
     print(f"the federation's supervisor was not running; stopped {len(daemons)} daemon(s) "
           f"and killed {len(left)} agent process(es)")
     return 0

@@ -259,11 +259,11 @@ def agent_watch(hub_addr: str, tok: str, workspace: str, count: int | None,
 @hub_options
 @json_option
 def spoke_list(hub_addr: str, tok: str, as_json: bool) -> None:
-    """List the hub's spokes: ONLINE/OFFLINE, last heartbeat, the tenant's agents by
-    state."""
+    """List the hub's spokes: ONLINE/OFFLINE, the isolation each gives its agents, last
+    heartbeat, the tenant's agents by state."""
     resp = with_hub(hub_addr, tok, lambda c: c.spokes())
     rows: list[dict[str, Any]] = [{"name": s.name, "address": s.address, "status": s.status,
-             "last_heartbeat": iso_ms(s.last_heartbeat_ms),
+             "last_heartbeat": iso_ms(s.last_heartbeat_ms), "isolation": s.isolation,
              "agents": dict(sorted(s.agents_by_state.items()))} for s in resp.spokes]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -271,6 +271,7 @@ def spoke_list(hub_addr: str, tok: str, as_json: bool) -> None:
     for r in rows:
         counts = ", ".join(f"{k} {v}" for k, v in r["agents"].items()) or "no agents"
         click.echo(f"{r['name']:<16} {r['status']:<8} {r['address']:<22} "
+                   f"isolation {r['isolation'] or '?':<11} "
                    f"last heartbeat {r['last_heartbeat'] or 'never'}  {counts}")
     if not rows:
         click.echo("no spokes")

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.identity import load_identity
 from spoke import procfs
+from spoke.limits import spoke_bases
 from spoke.shim import SUPERVISOR_FILE, read_json
 
 FLEETWIRE = [sys.executable, "-m", "shared.cli"]
@@ -114,9 +116,8 @@ class LocalFederation:
         return home
 
     def public_key(self, name: str) -> str:
-        out = self.cli("identity", "show", "--home", str(self.homes[name]), "--json",
-                       show=False).stdout
-        return str(json.loads(out)["public_key"])
+        """What `identity show` prints as public_key, read from the key file directly."""
+        return load_identity(name, self.homes[name] / "identity.key").public_key_b64
 
     def trust(self, truster: str, peer: str, address: str = "") -> None:
         """`peer add` by hand: the peer's public key and its pinned TLS certificate."""
@@ -126,12 +127,14 @@ class LocalFederation:
         self.cli(*args, *(["--address", address] if address else []))
 
     def start(self, role: str, name: str, listen: str = "127.0.0.1:0",
-              *options: str) -> Daemon:
-        """Start `fleetwire ROLE run [OPTIONS]` and wait for its ready line."""
+              *options: str, wrapper: tuple[str, ...] = ()) -> Daemon:
+        """Start `fleetwire ROLE run [OPTIONS]` (behind a wrapper command, such as one that
+        runs it as another user) and wait for its ready line."""
         home = self.homes[name]
         log = open(home / f"{role}.log", "a")  # noqa: SIM115 (kept open by the child)
         proc = subprocess.Popen(
-            [*FLEETWIRE, role, "run", "--home", str(home), "--listen", listen, *options],
+            [*wrapper, *FLEETWIRE, role, "run", "--home", str(home), "--listen", listen,
+             *options],
             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
         log.close()
         address, peer_address = _read_ready_line(proc, home / f"{role}.log")
@@ -176,8 +179,13 @@ class LocalFederation:
         for name in self.homes:
             for proc in self.agent_processes(name):
                 procfs.signal_process(proc, signal.SIGKILL)
-        for home in self.homes.values():
+        for name, home in self.homes.items():
             _await_supervisors(home / "run")
+            # What each spoke made for its agents (a stopping spoke leaves it while
+            # agents run, and they were killed only now).
+            for base in spoke_bases(name).values():
+                with contextlib.suppress(OSError):
+                    base.rmdir()
 
 
 def _await_supervisors(run_root: Path, timeout: float = 10.0) -> None:

@@ -277,7 +277,8 @@ class HubOperator:
         return operator_pb2.ListSpokesResponse(spokes=[
             operator_pb2.SpokeInfo(name=name, address=peer.address, status=self._status(peer),
                                    last_heartbeat_ms=peer.last_heartbeat_ms or 0,
-                                   agents_by_state=counts.get(name, {}))
+                                   agents_by_state=counts.get(name, {}),
+                                   isolation=peer.isolation)
             for name, peer in (await self._spokes()).items()])
 
     async def spoke_statuses(self) -> dict[str, int]:

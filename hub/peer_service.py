@@ -41,6 +41,8 @@ _NAMED = models.Peer.name == bindparam("b_name")
 _HEARD_FROM = update(models.Peer).where(_NAMED).values(last_heartbeat_ms=bindparam("b_now"))
 _ADDRESS = select(models.Peer.address).where(_NAMED)
 _MOVED = update(models.Peer).where(_NAMED).values(address=bindparam("b_address"))
+_ISOLATION = select(models.Peer.isolation).where(_NAMED)
+_ISOLATED = update(models.Peer).where(_NAMED).values(isolation=bindparam("b_isolation"))
 
 
 class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
@@ -72,9 +74,21 @@ class HubPeerService(wire_pb2_grpc.HubPeerServiceServicer):
         # Any verified message shows the spoke is alive, not only a heartbeat: a report
         # that arrives first after a restart must not leave the spoke OFFLINE.
         tx.run(_HEARD_FROM, {"b_name": env.sender, "b_now": now_ms()})
-        if env.WhichOneof("body") == "heartbeat" and env.heartbeat.address:
-            _follow_address(tx, env.sender, env.heartbeat.address)
+        if env.WhichOneof("body") == "heartbeat":
+            if env.heartbeat.address:
+                _follow_address(tx, env.sender, env.heartbeat.address)
+            _note_isolation(tx, env.sender, env.heartbeat.isolation)
         return wire_pb2.Response(ack=wire_pb2.Ack())
+
+
+def _note_isolation(tx: Statements, spoke: str, isolation: str) -> None:
+    """Keep what the spoke says it gives its agents (written only when it changes)."""
+    isolation = isolation[:16]
+    row = tx.first(_ISOLATION, {"b_name": spoke})
+    if row is not None and row[0] != isolation:
+        log.info("spoke %s gives its agents isolation %r (was %r)", spoke, isolation,
+                 row[0])
+        tx.run(_ISOLATED, {"b_name": spoke, "b_isolation": isolation})
 
 
 def _follow_address(tx: Statements, spoke: str, address: str) -> None:

@@ -147,6 +147,9 @@ def audited(action: str, **fields: str) -> AuditEntry:
 @click.group(cls=FleetwireGroup)
 def root() -> None:
     """Fleetwire: a hub and spokes that spawn, query and kill agents with signed commands."""
+    # What an instance writes (its database and journal, config, logs, folders) is its
+    # own alone: keys and state are never readable to other users, agents included.
+    os.umask(0o077)
 
 
 @root.command()
@@ -191,6 +194,11 @@ def migrate(home: Path) -> None:
     click.echo(f"database of '{cfg.name}' at schema {current_revision(cfg.db_url)}")
 
 
+# What each side adds to `identity show` (the spoke: the isolation it gives agents).
+IdentityFact = Callable[[Config], dict[str, str]]
+IDENTITY_FACTS: list[IdentityFact] = []
+
+
 @root.group()
 def identity() -> None:
     """This instance's signing identity."""
@@ -207,10 +215,9 @@ def identity_show(home: Path, as_json: bool) -> None:
     tls = load_tls_identity(cfg.tls_key_path, cfg.tls_cert_path)
     obj = {"name": ident.name, "key_id": ident.key_id, "public_key": ident.public_key_b64,
            "tls_cert": str(cfg.tls_cert_path), "tls_fingerprint": tls.fingerprint}
-    emit(obj, as_json, f"name             {ident.name}\nkey_id           {ident.key_id}\n"
-                       f"public_key       {ident.public_key_b64}\n"
-                       f"tls_cert         {cfg.tls_cert_path}\n"
-                       f"tls_fingerprint  {tls.fingerprint}")
+    for fact in IDENTITY_FACTS:
+        obj.update(fact(cfg))
+    emit(obj, as_json, "\n".join(f"{key:<16} {value}" for key, value in obj.items()))
 
 
 @identity.command("rotate")
@@ -458,10 +465,24 @@ def daemon_options(f: Callable[..., Any]) -> Callable[..., Any]:
         "default.")(f)
 
 
+def make_private(home: Path) -> None:
+    """Take group and other permissions off the home and what is in it (an instance made
+    before files were created private, or copied in with a loose umask). Key files are
+    left as they are: one others could read is refused at start, with the fix to run,
+    since the key may have leaked already."""
+    for path in (home, *home.iterdir()):
+        if path.is_symlink() or path.suffix == ".key":
+            continue
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            path.chmod(mode & 0o700)
+
+
 def run_daemon(home: Path, runner: Callable[[Config], Coroutine[Any, Any, None]],
                log_format: str = "json") -> None:
     """Start a daemon: migrate its database, then serve until SIGTERM/SIGINT."""
     cfg = load_config(home)
+    make_private(home)
     setup_logging(cfg.name, log_format)
     upgrade(cfg.db_url)
     from shared.daemon import run_until_stopped
@@ -475,7 +496,7 @@ def build_cli() -> click.Group:
     from spoke.cli import register as register_spoke
 
     if "hub" not in root.commands:
-        register_spoke(root)
+        register_spoke(root, IDENTITY_FACTS)
         register_hub(root)
     return root
 

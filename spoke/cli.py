@@ -10,6 +10,7 @@ import click
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.cli import (
+    IdentityFact,
     audited,
     daemon_options,
     emit,
@@ -19,12 +20,13 @@ from shared.cli import (
     run_daemon,
     with_session,
 )
-from shared.config import load_config
-from shared.errors import Unavailable
+from shared.config import Config, load_config
+from shared.errors import FleetwireError, Unavailable
 from shared.scope import Role
-from spoke.daemon import run_spoke
+from spoke.daemon import RUN_DIR, run_spoke
 from spoke.drain import lift_drain, request_drain
 from spoke.grants import add_grant, list_grants, revoke_grant
+from spoke.isolation import recorded_or_probed
 from spoke.join import join_hub
 from spoke.store import count_live
 
@@ -159,7 +161,19 @@ def join(home: Path, hub_addr: str, join_token_text: str, address: str) -> None:
                   f"{cfg.name}`" if joined.state == "PENDING" else ""))
 
 
-def register(root: click.Group) -> None:
+def isolation_fact(cfg: Config) -> dict[str, str]:
+    """For `identity show`: the isolation the spoke gives agents (as it chose at its last
+    start, or would choose now)."""
+    try:
+        chosen = recorded_or_probed(cfg, cfg.home / RUN_DIR)
+    except FleetwireError as err:
+        return {"isolation": f"unavailable: {err.message}"}
+    return {"isolation": chosen.describe() if not chosen.refusal
+            else f"unavailable: {chosen.refusal}"}
+
+
+def register(root: click.Group, identity_facts: list[IdentityFact]) -> None:
+    identity_facts.append(isolation_fact)
     root.add_command(join)
     root.add_command(grant)
     root.add_command(spoke)

@@ -29,6 +29,7 @@ from shared.rpc import Listen, refuse_plaintext_off_loopback, start_server
 from shared.security_view import SecurityView
 from spoke.commands import SpokeCommands
 from spoke.isolation import Isolation, check_uid_range, choose
+from spoke.isolation import record as record_isolation
 from spoke.launcher import Launcher
 from spoke.reporter import StatusReporter
 from spoke.sandbox import FULL, NONE
@@ -72,7 +73,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
     # One view of keys, grants and workspaces for everything this daemon checks.
     view = SecurityView(sessions)
     keyring = DbKeyring(sessions, view=view)
-    launcher = Launcher(cfg.home / RUN_DIR)
+    launcher = Launcher(cfg.home / RUN_DIR, cfg.spoke.agent_uid_base)
     try:
         # No supervisor of a previous run may be starting while recover() looks.
         await launcher.fence()
@@ -84,6 +85,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         await metrics.close()
         raise
     announce_isolation(isolation)
+    record_isolation(launcher.run_dir, isolation)
     commands = SpokeCommands(cfg, sessions, trail, metrics, view, launcher, isolation)
     inbox = EnvelopeInbox(identity, keyring, memory, trail, metrics,
                           skew_ms=cfg.wire.max_clock_skew_seconds * 1000,
@@ -108,7 +110,8 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
         raise
     announce("spoke", cfg, listen.rpartition(":")[0], port, metrics=metrics_at)
     reporter = StatusReporter(cfg, identity, keyring, sessions, trail, certs,
-                              advertise=advertised(listen, port, advertise))
+                              advertise=advertised(listen, port, advertise),
+                              isolation=isolation.describe())
     reporting = asyncio.create_task(reporter.run(), name="status-reporter")
     announcer = KeyAnnouncer(cfg, identity, keyring, sessions, trail,
                              reporter.channels, wire_pb2_grpc.HubPeerServiceStub)

@@ -24,9 +24,9 @@ MAX_MESSAGE = 1 << 20
 def main(args: list[str]) -> None:
     """The launcher process: fork a supervisor for each plan until the spoke hangs up."""
     sock = socket.socket(fileno=int(args[0]))
-    fence = int(args[1])
+    fence, agent_uid = int(args[1]), int(args[2])
     # First, what this machine lets agents have (the spoke chooses its level from it).
-    sock.send(json.dumps({level: sandbox.probe(level)
+    sock.send(json.dumps({level: sandbox.probe(level, agent_uid)
                           for level in (sandbox.FULL, sandbox.NAMESPACES)}).encode())
     # Supervisors are reaped by the kernel: the launcher never waits for them.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import pwd
+import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared.config import Config
@@ -54,6 +56,31 @@ class Isolation:
             raise InvalidArgument(
                 f"template '{template}' requires isolation '{wanted}' and spoke '{spoke}' "
                 f"provides '{self.level}' ({self.limited_by}); use another spoke")
+
+
+RECORD = "isolation.json"
+_PROBE = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+          "from spoke.sandbox import probe; uid = int(sys.argv[2]); "
+          "print(json.dumps({level: probe(level, uid) for level in ('full', 'namespaces')}))")
+
+
+def record(run_dir: Path, isolation: Isolation) -> None:
+    """Keep what this run of the spoke chose, for `identity show`."""
+    (run_dir / RECORD).write_text(json.dumps(asdict(isolation)))
+
+
+def recorded_or_probed(cfg: Config, run_dir: Path) -> Isolation:
+    """What the spoke chose at its last start; for a spoke that never ran, what it would
+    choose now (the trial runs in a child interpreter: it forks, and this process may
+    have threads)."""
+    try:
+        return Isolation(**json.loads((run_dir / RECORD).read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    found = subprocess.run([sys.executable, "-I", "-c", _PROBE, json.dumps(sys.path),
+                            str(cfg.spoke.agent_uid_base)], capture_output=True, text=True,
+                           timeout=30, check=True)
+    return choose(cfg, json.loads(found.stdout))
 
 
 def choose(cfg: Config, probed: dict[str, str]) -> Isolation:

@@ -65,8 +65,10 @@ class Started:
 class Launcher:
     """The spoke's side: takes the fence, starts the launcher, asks it for agents."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, agent_uid: int) -> None:
         self.run_dir = run_dir
+        # A uid agents would get, for the launcher's trial of isolation "full".
+        self._agent_uid = agent_uid
         self._fence: int | None = None
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -112,7 +114,7 @@ class Launcher:
         with theirs:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path),
-                 str(theirs.fileno()), str(fence)],
+                 str(theirs.fileno()), str(fence), str(self._agent_uid)],
                 pass_fds=(theirs.fileno(), fence), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, close_fds=True)
         ours.setblocking(False)

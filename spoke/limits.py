@@ -152,21 +152,23 @@ class CgroupSupport:
             self._probe(spoke)
 
     def _probe(self, spoke: str) -> None:
-        own = _own_cgroups()
-        name = f"fleetwire-{spoke}"
-        for controller in ("memory", "pids", "cpuacct", "cpu"):
-            mount = CGROUP_ROOT / controller
-            if (mount / "cgroup.procs").exists() and not _is_v2(mount):
-                base = mount / own.get(controller, "").lstrip("/") / name
-                if _can_make(base):
-                    self.bases[controller] = base
-        v2_mount = next((m for m in (CGROUP_ROOT, CGROUP_ROOT / "unified") if _is_v2(m)), None)
-        if v2_mount is not None:
-            own_v2 = v2_mount / own.get("", "").lstrip("/")
-            base = own_v2 / name
-            if _can_make(base):
-                self.bases[V2] = base
-                self.v2_controllers = _delegate(own_v2, base)
+        for controller, base in spoke_bases(spoke).items():
+            if not _can_make(base):
+                continue
+            self.bases[controller] = base
+            if controller != V2:
+                continue
+            self.v2_controllers = _delegate(base.parent, base)
+            beside = base.parent.parent / base.name
+            if (not self.v2_controllers and _offered(base.parent)
+                    and _is_v2_cgroup(beside.parent) and _can_make(beside)):
+                # The spoke's own cgroup offers controllers but holds the spoke, so v2
+                # forbids enabling them below it: a leaf it was put in (systemd's
+                # DelegateSubgroup=). Its agents' cgroups go beside it instead.
+                with contextlib.suppress(OSError):
+                    base.rmdir()
+                self.bases[V2] = beside
+                self.v2_controllers = _delegate(beside.parent, beside)
 
     def plan(self, agent_id: str, limits: Limits) -> CgroupPlan:
         """The agent's cgroups: the v2 one wherever there is a v2 hierarchy (exact
@@ -231,6 +233,22 @@ class CgroupSupport:
                 base.rmdir()
 
 
+def spoke_bases(spoke: str) -> dict[str, Path]:
+    """Where a spoke's agents' cgroups go, by controller: a folder of the spoke's own
+    below the cgroup it runs in, in each hierarchy there is (made by CgroupSupport)."""
+    own = _own_cgroups()
+    name = f"fleetwire-{spoke}"
+    bases = {}
+    for controller in ("memory", "pids", "cpuacct", "cpu"):
+        mount = CGROUP_ROOT / controller
+        if (mount / "cgroup.procs").exists() and not _is_v2(mount):
+            bases[controller] = mount / own.get(controller, "").lstrip("/") / name
+    v2_mount = next((m for m in (CGROUP_ROOT, CGROUP_ROOT / "unified") if _is_v2(m)), None)
+    if v2_mount is not None:
+        bases[V2] = v2_mount / own.get("", "").lstrip("/") / name
+    return bases
+
+
 def _is_v2(mount: Path) -> bool:
     return (mount / "cgroup.controllers").exists()
 
@@ -248,8 +266,7 @@ def _can_make(base: Path) -> bool:
 def _delegate(own: Path, base: Path) -> frozenset[str]:
     """Enable memory, pids and cpu for the agents' cgroups below base, as far as the
     hierarchy offers them; the ones that could be enabled."""
-    wanted = {"memory", "pids", "cpu"}
-    offered = set(_read_words(own / "cgroup.controllers")) & wanted
+    offered = _offered(own)
     enabled: set[str] = set()
     for parent in (own, base):
         for controller in sorted(offered):
@@ -258,6 +275,14 @@ def _delegate(own: Path, base: Path) -> frozenset[str]:
         enabled = set(_read_words(parent / "cgroup.subtree_control")) & offered
         offered = enabled
     return frozenset(enabled)
+
+
+def _offered(cgroup: Path) -> set[str]:
+    return set(_read_words(cgroup / "cgroup.controllers")) & {"memory", "pids", "cpu"}
+
+
+def _is_v2_cgroup(path: Path) -> bool:
+    return (path / "cgroup.controllers").exists()
 
 
 def _read_words(path: Path) -> list[str]:

@@ -38,11 +38,17 @@ class LogWriter:
 
     def write(self, data: bytes) -> None:
         while data:
-            room = self._half - self._size if self._half else len(data)
-            if room <= 0:
-                self._rotate()
-                continue
-            written = os.write(self._fd, data[:room])
+            take = len(data)
+            if self._half and take > self._half - self._size:
+                # Rotate at a line's end: both files then hold whole lines, unless one
+                # line is longer than a file may be.
+                take = data.rfind(b"\n", 0, max(self._half - self._size, 0)) + 1
+                if not take:
+                    if self._size > len(ROTATION_NOTE):
+                        self._rotate()
+                        continue
+                    take = self._half - self._size
+            written = os.write(self._fd, data[:take])
             self._size += written
             data = data[written:]
 

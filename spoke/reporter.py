@@ -60,7 +60,7 @@ class HubUnreachable(Exception):
 class StatusReporter:
     def __init__(self, cfg: Config, identity: Identity, keyring: Keyring,
                  sessions: async_sessionmaker[AsyncSession], trail: AuditTrail,
-                 certs: PeerCerts | None, advertise: str = "") -> None:
+                 certs: PeerCerts | None, advertise: str = "", isolation: str = "") -> None:
         self._cfg = cfg
         self._identity = identity
         self._keyring = keyring
@@ -69,6 +69,8 @@ class StatusReporter:
         self._channels = PeerChannels(cfg.keepalive, certs)
         # Where hubs reach this spoke, told with every heartbeat ("" if unknown).
         self._advertise = advertise
+        # What this spoke gives its agents, told with every heartbeat.
+        self._isolation = isolation
         # Hubs that must get a snapshot before anything else (all of them at start).
         self._needs_snapshot: set[str] | None = None
 
@@ -157,7 +159,7 @@ class StatusReporter:
                 await self._send(hub, heartbeat=wire_pb2.Heartbeat(
                     agents_running=running,
                     interval_ms=int(self._cfg.spoke.heartbeat_seconds * 1000),
-                    address=self._advertise))
+                    address=self._advertise, isolation=self._isolation))
                 if hub in self._needs_snapshot:
                     await self._send(hub, report=await self._snapshot(hub))
                     self._needs_snapshot.discard(hub)

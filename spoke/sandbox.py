@@ -281,10 +281,10 @@ def become(uid: int, gid: int) -> None:
     os.setresuid(uid, uid, uid)
 
 
-def probe(level: str) -> str:
-    """Try, in throwaway children, what starting an agent at this level needs: '' if it
-    works, else why not. It forks: call it only in a single-threaded process (the
-    launcher)."""
+def probe(level: str, agent_uid: int) -> str:
+    """Try, in throwaway children, what starting an agent at this level needs (for
+    "full", becoming agent_uid too): '' if it works, else why not. It forks: call it
+    only in a single-threaded process (the launcher, or the command line)."""
     if level == FULL and os.geteuid() != 0:
         return "the spoke does not run as root, so it cannot give agents uids of their own"
     if level == NAMESPACES and os.geteuid() == 0:
@@ -305,6 +305,9 @@ def probe(level: str) -> str:
                 _tmpfs("/tmp", "1777")
                 _read_only("/", recursive=True)
                 mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                if level == FULL:
+                    # Root in a user namespace (a rootless container) cannot.
+                    become(agent_uid, agent_uid)
                 os._exit(0)
             code = os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1])
         except BaseException as exc:  # reported, then this child ends

@@ -213,9 +213,10 @@ class _Supervisor:
         try:
             workdir = Path(plan.view.workdir)
             workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Mode first: once chowned, changing it would take CAP_FOWNER.
+            os.chmod(workdir, 0o700)
             if plan.level == sandbox.FULL:
                 os.chown(workdir, plan.uid, plan.gid)
-            os.chmod(workdir, 0o700)
             Path(plan.log_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._log = LogWriter(Path(plan.log_path), plan.log_cap_bytes)
             plan.cgroups.create()
@@ -425,9 +426,10 @@ class _Supervisor:
 
 
 def release_claim(fd: int) -> None:
-    """Give back a uid claimed with spoke.isolation.UidPool (its lock file's fd)."""
+    """Give back a uid claimed with spoke.isolation.UidPool (its lock file's fd): the file
+    goes first, then the lock (see UidPool.claim)."""
     with contextlib.suppress(OSError):
-        os.unlink(f"/proc/self/fd/{fd}")
+        os.unlink(os.readlink(f"/proc/self/fd/{fd}"))
     os.close(fd)
 
 
@@ -476,14 +478,18 @@ def _init(plan: ShimPlan, log_w: int, status_w: int, joins: list[int], lifeline_
                         | (0 if plan.view.network else sandbox.CLONE_NEWNET))
         if not plan.view.network:
             sandbox.loopback_up()
+        # The folders the view makes must be traversable whatever the spoke's umask (it
+        # is 077); the agent starts with the usual 022 for its own files.
+        os.umask(0o022)
         sandbox.build_view(plan.view)
-        os.chdir(plan.view.workdir)
         _set_rlimits(plan)
         if plan.level == sandbox.FULL:
             # The init becomes what the agent is (no root left in the namespace for the
             # agent to reach): the kernel clears the parent-death signal on that change.
             sandbox.become(plan.uid, plan.gid)
             _stay_with_supervisor(lifeline_r)
+        # As the agent: its folder is its own (root would need CAP_DAC_OVERRIDE).
+        os.chdir(plan.view.workdir)
         os.close(lifeline_r)
         sandbox.no_new_privs()
         sandbox.undumpable()
@@ -572,6 +578,7 @@ def _exec_agent(plan: ShimPlan, log_w: int, err_w: int, joins: list[int]) -> NoR
         for fd in joins:
             os.write(fd, b"0")
         os.setsid()
+        os.umask(0o022)
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log_w, 1)

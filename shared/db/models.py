@@ -39,6 +39,9 @@ class Peer(Base):
     last_heartbeat_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # The peer's TLS certificate (PEM), pinned: the only one accepted for it.
     tls_cert: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # On a hub: what this spoke says it gives its agents (full, namespaces, none, or
+    # unavailable), from its heartbeats.
+    isolation: Mapped[str] = mapped_column(String(16), default="", server_default="")
 
 
 class PeerKey(Base):

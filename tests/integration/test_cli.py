@@ -114,7 +114,9 @@ def test_init_identity_and_local_admin_commands(tmp_path: Path) -> None:
     assert stat.S_IMODE((home / "identity.key").stat().st_mode) == 0o600
     assert (home / "state.db").exists() and (home / "config.toml").exists()
     shown = json.loads(fleetwire("identity", "show", "--home", str(home), "--json").stdout)
-    assert set(shown) == {"name", "key_id", "public_key", "tls_cert", "tls_fingerprint"}
+    assert set(shown) == {"name", "key_id", "public_key", "tls_cert", "tls_fingerprint",
+                          "isolation"}
+    assert shown["isolation"] in ("full", "namespaces")
     assert shown["name"] == "node-1" and shown["tls_fingerprint"].startswith("sha256:")
     assert stat.S_IMODE((home / "tls.key").stat().st_mode) == 0o600
     assert len(shown["key_id"]) == 16

@@ -112,11 +112,21 @@ def test_spoke_unit_keeps_what_agents_need() -> None:
     assert spoke.get("ProtectControlGroups", ["no"]) == ["no"]
     assert spoke.get("MemoryDenyWriteExecute", ["no"]) == ["no"]
     assert spoke["OOMPolicy"] == ["continue"]
+    # Root with what isolating agents takes and nothing more (ADR 0023); the uid claims
+    # under /run/fleetwire outlive a restart, as the supervisors holding them do.
+    assert spoke["User"] == ["root"]
+    assert set(spoke["CapabilityBoundingSet"][0].split()) == {
+        "CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_KILL",
+        "CAP_SYS_PTRACE", "CAP_NET_ADMIN"}
+    assert spoke["RuntimeDirectory"] == ["fleetwire"]
+    assert spoke["RuntimeDirectoryPreserve"] == ["yes"]
+    assert set(spoke["RestrictNamespaces"][0].split()) == {"mnt", "pid", "ipc", "net"}
+    assert "@mount" in spoke["SystemCallFilter"][0].split()
     hub = unit("fleetwire-hub.service")
     assert hub["MemoryDenyWriteExecute"] == ["yes"]
+    assert hub["CapabilityBoundingSet"] == [""]
     for u in (spoke, hub):
         assert u["NoNewPrivileges"] == ["yes"]
-        assert u["CapabilityBoundingSet"] == [""]
         assert u["ProtectSystem"] == ["strict"]
 
 

@@ -47,11 +47,17 @@ def workdir(fed: Federation, spoke: str, agent_id: str) -> Path:
 
 
 def tell_to_exit(fed: Federation, spoke: str, agent_id: str, code: int) -> None:
-    (workdir(fed, spoke, agent_id) / "exit").write_text(str(code))
+    told = workdir(fed, spoke, agent_id) / "exit"
+    told.with_name("exit.tmp").write_text(str(code))
+    told.with_name("exit.tmp").chmod(0o644)  # the agent runs as a uid of its own
+    told.with_name("exit.tmp").rename(told)  # and never reads it half written
 
 
-async def online(hub: HubClient, spoke: str) -> bool:
-    return any(s.name == spoke and s.status == "ONLINE" for s in (await hub.spokes()).spokes)
+async def heard_since(hub: HubClient, spoke: str, since_ms: int) -> bool:
+    """Whether the hub has had a heartbeat from the spoke since since_ms (ONLINE from a
+    heartbeat of the run before a restart would go OFFLINE a moment later)."""
+    return any(s.name == spoke and s.status == "ONLINE" and s.last_heartbeat_ms >= since_ms
+               for s in (await hub.spokes()).spokes)
 
 
 async def restart_spoke(fed: Federation, hub: HubClient, name: str,
@@ -61,8 +67,10 @@ async def restart_spoke(fed: Federation, hub: HubClient, name: str,
     old = fed.spokes[name]
     assert await asyncio.to_thread(old.stop) == 0, "SIGTERM stops the spoke cleanly"
     await asyncio.to_thread(between)
+    started_ms = int(time.time() * 1000)
     fed.spokes[name] = await asyncio.to_thread(fed.fed.start, "spoke", name, old.address)
-    await eventually(lambda: online(hub, name), what=f"{name} to be ONLINE again")
+    await eventually(lambda: heard_since(hub, name, started_ms),
+                     what=f"a heartbeat of the restarted {name}")
 
 
 async def reported(hub: HubClient, agent_id: str, expected: str) -> bool:
@@ -182,8 +190,10 @@ async def test_a_spoke_with_the_hubs_stream_open_stops_at_once_and_is_commanded_
         started = time.monotonic()
         assert old.stop() == 0
         stopped_in = time.monotonic() - started
+        started_ms = int(time.time() * 1000)
         fed.spokes["spoke-a"] = fed.fed.start("spoke", "spoke-a", listen=old.address)
         assert stopped_in < STOP_GRACE_SECONDS, stopped_in
-        await eventually(lambda: online(hub, "spoke-a"), what="spoke-a to be ONLINE again")
+        await eventually(lambda: heard_since(hub, "spoke-a", started_ms),
+                         what="a heartbeat of the restarted spoke-a")
         assert state(await hub.status(agent.agent_id, live=True)) == "RUNNING"
         assert state(await hub.kill(agent.agent_id, grace_ms=2000)) == "KILLED"

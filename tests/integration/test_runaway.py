@@ -147,3 +147,37 @@ async def test_spoke_capacity_and_emergency_drain(fed: Federation) -> None:
                                 task="", params={})
         assert state(again) == "RUNNING"
         await hub.kill(again.agent_id, grace_ms=GRACE_MS)
+
+
+async def test_one_tenant_cannot_take_every_place_of_a_shared_spoke(fed: Federation) -> None:
+    """With max_agents = 4 and two tenants, each may run 2 (an equal share)."""
+    await asyncio.to_thread(fed.add_spoke, "spoke-fair",
+                            tenants={"acme": ["w"], "globex": ["ops"]}, start=False)
+    cfg = fed.home("spoke-fair") / "config.toml"
+    cfg.write_text(cfg.read_text().replace("max_agents = 0", "max_agents = 4"))
+    daemon = await asyncio.to_thread(fed.fed.start, "spoke", "spoke-fair")
+    await asyncio.to_thread(fed.fed.trust, fed.hub.name, "spoke-fair", daemon.address)
+    started = []
+    async with admin(fed) as acme, HubClient(fed.hub.address, fed.tokens["globex"]) as globex:
+        for _ in range(2):
+            started.append(await acme.spawn(spoke="spoke-fair", workspace="w",
+                                            template="sleeper", task="", params={}))
+        with pytest.raises(ResourceExhausted) as err:
+            await acme.spawn(spoke="spoke-fair", workspace="w", template="sleeper", task="",
+                             params={})
+        assert err.value.message == ("tenant 'acme' already runs 2 of at most 2 agents on "
+                                     "this spoke; retry when one ends, or use another spoke")
+        assert err.value.retry_after_ms > 0
+        # The other tenant's places were kept for it.
+        for _ in range(2):
+            ran = await globex.spawn(spoke="spoke-fair", workspace="ops", template="sleeper",
+                                     task="", params={})
+            assert state(ran) == "RUNNING"
+        with pytest.raises(ResourceExhausted, match="this spoke is at its capacity"):
+            await globex.spawn(spoke="spoke-fair", workspace="ops", template="sleeper",
+                               task="", params={})
+        for agent in started:
+            await acme.kill(agent.agent_id, grace_ms=GRACE_MS)
+        killed = await globex.kill_many(operator_pb2.KillAgentsRequest(
+            workspace="ops", spoke="spoke-fair", grace_ms=GRACE_MS))
+        assert {state(r.agent) for r in killed.results} == {"KILLED"}

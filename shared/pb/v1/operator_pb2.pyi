@@ -201,7 +201,7 @@ class ListSpokesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SpokeInfo(_message.Message):
-    __slots__ = ("name", "address", "status", "last_heartbeat_ms", "agents_by_state")
+    __slots__ = ("name", "address", "status", "last_heartbeat_ms", "agents_by_state", "isolation")
     class AgentsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -214,12 +214,14 @@ class SpokeInfo(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     status: str
     last_heartbeat_ms: int
     agents_by_state: _containers.ScalarMap[str, int]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., last_heartbeat_ms: _Optional[int] = ..., agents_by_state: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    isolation: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., last_heartbeat_ms: _Optional[int] = ..., agents_by_state: _Optional[_Mapping[str, int]] = ..., isolation: _Optional[str] = ...) -> None: ...
 
 class ListSpokesResponse(_message.Message):
     __slots__ = ("spokes",)

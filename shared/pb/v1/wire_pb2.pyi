@@ -115,14 +115,16 @@ class StatusReport(_message.Message):
     def __init__(self, updates: _Optional[_Iterable[_Union[AgentUpdate, _Mapping]]] = ..., snapshot: _Optional[bool] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("agents_running", "interval_ms", "address")
+    __slots__ = ("agents_running", "interval_ms", "address", "isolation")
     AGENTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     agents_running: int
     interval_ms: int
     address: str
-    def __init__(self, agents_running: _Optional[int] = ..., interval_ms: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    isolation: str
+    def __init__(self, agents_running: _Optional[int] = ..., interval_ms: _Optional[int] = ..., address: _Optional[str] = ..., isolation: _Optional[str] = ...) -> None: ...
 
 class Principal(_message.Message):
     __slots__ = ("name", "role")
