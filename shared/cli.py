@@ -50,7 +50,7 @@ T = TypeVar("T")
 
 
 class FleetwireGroup(click.Group):
-    """Turns domain errors into a message on stderr and DESIGN.md's exit code."""
+    """Turns domain errors into a message on stderr and docs/design.md's exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

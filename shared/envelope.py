@@ -1,4 +1,4 @@
-"""Sealing and opening SignedEnvelopes: the wire rules of DESIGN.md in one place.
+"""Sealing and opening SignedEnvelopes: the wire rules of docs/design.md in one place.
 
 A receiver verifies the exact bytes that travelled, then parses them. Nothing is
 re-serialized before verification, so any implementation can check a signature from
@@ -184,7 +184,7 @@ async def open_reply(
     reply: wire_pb2.SignedEnvelope, *, keyring: Keyring, me: str, peer: str,
     message_id: str, skew_ms: int = DEFAULT_SKEW_MS,
 ) -> wire_pb2.Response:
-    """The Response in `peer`'s signed answer to our `message_id` (DESIGN.md rule 4:
+    """The Response in `peer`'s signed answer to our `message_id` (docs/design.md, rule 4:
     verified, then sender and in_reply_to checked). Unauthenticated if it is not that;
     the peer's signed Error is raised as the error it carries."""
     env = (await open_envelope(reply, keyring=keyring, me=me, skew_ms=skew_ms)).envelope

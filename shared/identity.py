@@ -20,7 +20,7 @@ from shared.errors import InvalidArgument
 
 
 def key_id_for(public_key: bytes) -> str:
-    """First 16 hex digits of SHA-256 of the raw 32-byte public key (DESIGN.md rule 5)."""
+    """First 16 hex digits of SHA-256 of the raw 32-byte public key (docs/design.md, rule 5)."""
     return hashlib.sha256(public_key).hexdigest()[:16]
 
 

@@ -1,6 +1,6 @@
 """Receiving signed envelopes from peers: the one path every peer-facing Deliver takes.
 
-Open (verify the exact bytes, then parse; DESIGN.md's rules), accept only the bodies
+Open (verify the exact bytes, then parse; docs/design.md's rules), accept only the bodies
 this API takes, run each message once through replay memory, seal the answer, and audit
 every refusal. Servicers supply only what to do with an accepted message.
 """

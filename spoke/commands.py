@@ -1,6 +1,6 @@
 """What a spoke does with a verified command: scope checks first, then the action.
 
-The checks run in DESIGN.md's order and fail closed: the sending hub's grant for the
+The checks run in docs/design.md's order and fail closed: the sending hub's grant for the
 tenant (and workspace), the workspace's existence, the role (never above what the grant
 lets the hub assert), then, for an existing agent, the agent's own scope. What the hub
 may not see answers NOT_FOUND exactly like what does not exist.
@@ -53,10 +53,17 @@ from spoke.drain import drain_reason
 from spoke.grants import TenantGrant, tenant_grant
 from spoke.isolation import Isolation, UidPool, exposed_paths
 from spoke.launcher import Launcher, LaunchFailed
-from spoke.limits import CgroupPlan, CgroupSupport, Limits
+from spoke.limits import CgroupPlan, CgroupSupport, Limits, needed_controllers
 from spoke.logs import read_tail
 from spoke.sandbox import FULL, NONE, View
-from spoke.shim import EXIT_FILE, SUPERVISOR_FILE, ShimPlan, read_json, release_claim
+from spoke.shim import (
+    EXIT_FILE,
+    SUPERVISOR_FILE,
+    ShimPlan,
+    SpokeSide,
+    read_json,
+    release_claim,
+)
 from spoke.store import FINAL_STATES, AgentLedger, Quotas, ScopedAgents, record_of, to_wire
 from spoke.supervisor import AgentSupervisor, Ending, Launched, ending_of, forget, sweep
 from spoke.templates import MAX_TASK_CHARS, check_text, describe_templates, render_argv
@@ -69,6 +76,9 @@ DRAIN_RETRY_AFTER_MS = 60_000
 _ACTIONS = {"spawn": Action.SPAWN, "get": Action.STATUS, "logs": Action.STATUS,
             "list": Action.LIST, "kill": Action.KILL, "create_workspace": Action.MANAGE}
 _ON_AGENT = frozenset({"get", "logs", "kill"})
+# Supervisors the launcher keeps ready, each with its init in namespaces, cgroups and
+# view already: a spawn takes one instead of making them (ADR 0023).
+WARM_SUPERVISORS = 2
 
 
 @dataclass(frozen=True)
@@ -96,11 +106,19 @@ class SpokeCommands:
         self.isolation = isolation
         self.run_root = launcher.run_dir
         self.supervisor: AgentSupervisor[wire_pb2.Agent | None] = AgentSupervisor(
-            launcher, on_exit=self._record_ending)
+            launcher, isolation.level != NONE, on_exit=self._record_ending)
         self.cgroups = CgroupSupport(cfg.name, cfg.spoke.use_cgroups)
         self.uids = (UidPool(cfg.spoke.agent_uid_base, cfg.spoke.agent_uid_count)
                      if isolation.level == FULL else None)
-        self._exposed = exposed_paths(cfg)
+        # What every agent of this spoke has alike; the launcher readies supervisors with
+        # it (none where no agent may start).
+        limits = [Limits(**{n: effective_limit(t, cfg.spoke, n) for n in LIMITS})
+                  for t in cfg.templates.values()]
+        self.side = SpokeSide(
+            level=isolation.level, view=View(home=str(cfg.home), expose=exposed_paths(cfg)),
+            cgroup_bases={c: str(base) for c, base in self.cgroups.bases.items()
+                          if c in needed_controllers(limits)},
+            warm=0 if isolation.refusal else WARM_SUPERVISORS)
         self._running_note = f"isolation {isolation.level}"
         log.info("resource limits on this machine: %s", self.cgroups.describe())
 
@@ -275,15 +293,13 @@ class SpokeCommands:
         limits = Limits(**{f"{n}": effective_limit(template, self._cfg.spoke, n)
                            for n in LIMITS})
         plan = ShimPlan(
-            agent_id=req.agent_id, argv=argv, env=env, level=self.isolation.level,
-            view=View(home=str(self._cfg.home), workdir=str(workdir), expose=self._exposed,
-                      network=template.network != "none"),
-            log_path=str(log_path), log_cap_bytes=limits.log_mb << 20,
-            run_dir=str(self.run_root / req.agent_id),
+            agent_id=req.agent_id, argv=argv, env=env, workdir=str(workdir),
+            network=template.network != "none", log_path=str(log_path),
+            log_cap_bytes=limits.log_mb << 20, run_dir=str(self.run_root / req.agent_id),
             max_runtime_seconds=template.max_runtime_seconds,
             grace_seconds=template.grace_seconds,
             uid=claim[0] if claim else -1, gid=claim[0] if claim else -1,
-            cgroups=self.cgroups.plan(req.agent_id, limits), open_files=limits.open_files,
+            cgroup_settings=self.cgroups.settings(limits), open_files=limits.open_files,
             cpu_seconds=limits.cpu_seconds, keep_descendants=template.keep_descendants,
             limits={f.name: getattr(limits, f.name) for f in fields(limits)},
             record=record_of(agent))

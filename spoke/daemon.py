@@ -87,6 +87,7 @@ async def run_spoke(cfg: Config, listen: str, *, insecure: bool = False,
     announce_isolation(isolation)
     record_isolation(launcher.run_dir, isolation)
     commands = SpokeCommands(cfg, sessions, trail, metrics, view, launcher, isolation)
+    await launcher.configure(commands.side)
     inbox = EnvelopeInbox(identity, keyring, memory, trail, metrics,
                           skew_ms=cfg.wire.max_clock_skew_seconds * 1000,
                           mutual_tls=certs is not None, view=view)

@@ -1,5 +1,6 @@
 """The spoke's side of the launcher: a small process the spoke starts with it, which
-forks one supervisor per agent (spoke/forkserver.py, spoke/shim.py).
+forks one supervisor per agent (spoke/forkserver.py, spoke/shim.py), a few of them ahead
+of need.
 
 The spoke never forks itself: it runs gRPC's threads, and the child of a threaded process
 can inherit a lock some other thread held. The launcher is single-threaded and has
@@ -7,15 +8,17 @@ already imported what a supervisor runs, so a supervisor costs a fork (well unde
 millisecond) instead of an interpreter start (tens of them), and shares the launcher's
 memory until it writes to it.
 
-Each supervisor is forked twice over (the middle process exits at once), so it is neither
-the launcher's child nor the spoke's: both may stop and restart while it lives.
+A supervisor is the launcher's child, reaped by the kernel, and outlives it: the spoke
+and its launcher may stop and restart while an agent runs (one still waiting for an
+agent ends with its launcher).
 
 The spoke and the launcher talk over a SOCK_SEQPACKET pair: one message per launch, the
 plan as JSON, with file descriptors alongside: the pipe on which the supervisor says
 whether the agent started, and the uid claim it holds for its life.
 
 A fence for restarts: <home>/run/launcher.lock is locked by the spoke and the launcher
-for their lives, and by each supervisor until its supervisor.json is written. A spoke
+for their lives, and by each supervisor from its plan until its supervisor.json is
+written (the launcher sends the lock's descriptor with the plan). A spoke
 takes the lock before it looks for the agents a previous run left, so no supervisor can
 be starting unseen while it looks; and two spokes never share one home.
 """
@@ -35,8 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import Unavailable
-from spoke.forkserver import MAX_MESSAGE
-from spoke.shim import ShimPlan
+from spoke.shim import MAX_PLAN, ShimPlan, SpokeSide
 
 LOCK_FILE = "launcher.lock"
 # How long a starting spoke waits for a previous run's launcher and supervisors to let go
@@ -56,10 +58,12 @@ class LaunchFailed(Exception):
 
 @dataclass(frozen=True)
 class Started:
-    """A running supervisor: what the spoke records and signals (pid and start time)."""
+    """A running supervisor: what the spoke records and signals (pid and start time),
+    and the agent's cgroups by controller."""
 
     pid: int
     start_time: int
+    cgroups: dict[str, str]
 
 
 class Launcher:
@@ -100,13 +104,18 @@ class Launcher:
         self._sock = ours
         loop = asyncio.get_running_loop()
         try:
-            probed = await asyncio.wait_for(loop.sock_recv(ours, MAX_MESSAGE), START_SECONDS)
+            probed = await asyncio.wait_for(loop.sock_recv(ours, MAX_PLAN), START_SECONDS)
         except TimeoutError:
             probed = b""
         if not probed:
             raise Unavailable("the spoke's launcher did not start; see the spoke's log")
         found = json.loads(probed)
         return {str(k): str(v) for k, v in found.items()}
+
+    async def configure(self, side: SpokeSide) -> None:
+        """Tell the launcher what every agent of this spoke has alike (after start()):
+        it then makes its waiting supervisors."""
+        await self._send(side.to_json(), [])
 
     def _run_launcher(self, fence: int) -> socket.socket:
         """Start the launcher process; the spoke's end of the socket pair to it."""
@@ -145,14 +154,18 @@ class Launcher:
             raise LaunchFailed("its supervisor ended before the agent started") from None
         if not said.get("ok"):
             raise LaunchFailed(str(said.get("error", "unknown error")))
-        return Started(pid=int(said["pid"]), start_time=int(said["start_time"]))
+        return Started(pid=int(said["pid"]), start_time=int(said["start_time"]),
+                       cgroups={str(k): str(v) for k, v in said["cgroups"].items()})
 
     async def _send(self, message: bytes, fds: list[int]) -> None:
         assert self._sock is not None
         loop = asyncio.get_running_loop()
         while True:
             try:
-                socket.send_fds(self._sock, [message], fds)
+                if fds:
+                    socket.send_fds(self._sock, [message], fds)
+                else:
+                    self._sock.send(message)
                 return
             except BlockingIOError:
                 writable = loop.create_future()

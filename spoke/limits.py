@@ -51,15 +51,17 @@ class Usage:
     processes: int
 
 
+# A limit written into an agent's cgroup: (controller, control file, value).
+Setting = tuple[str, str, str]
+
+
 @dataclass(frozen=True)
 class CgroupPlan:
-    """The cgroups of one agent: made and filled in by its supervisor before the agent
-    starts, removed once nothing of it is left. Paths by controller ("v2" for the v2
-    hierarchy, whatever controllers it has)."""
+    """The cgroups of one agent, paths by controller ("v2" for the v2 hierarchy, whatever
+    controllers it has): made by its supervisor before the agent is known, given the
+    agent's limits when it is, removed once nothing of it is left."""
 
     dirs: dict[str, str] = field(default_factory=dict)
-    # (path of a control file, value) to write once the folders exist.
-    settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def kill_file(self) -> str:
@@ -67,12 +69,15 @@ class CgroupPlan:
         return f"{self.dirs[V2]}/cgroup.kill" if V2 in self.dirs else ""
 
     def create(self) -> None:
-        """Make the folders and write the limits; an OSError names what failed."""
         for d in self.dirs.values():
             os.makedirs(d, exist_ok=True)
-        for path, value in self.settings:
-            with open(path, "w") as f:
-                f.write(value)
+
+    def write(self, settings: tuple[Setting, ...]) -> None:
+        """Write the agent's limits; an OSError names what failed."""
+        for controller, filename, value in settings:
+            if controller in self.dirs:
+                with open(f"{self.dirs[controller]}/{filename}", "w") as f:
+                    f.write(value)
 
     def join_files(self) -> list[str]:
         return [f"{d}/cgroup.procs" for d in self.dirs.values()]
@@ -170,42 +175,31 @@ class CgroupSupport:
                 self.bases[V2] = beside
                 self.v2_controllers = _delegate(beside.parent, beside)
 
-    def plan(self, agent_id: str, limits: Limits) -> CgroupPlan:
-        """The agent's cgroups: the v2 one wherever there is a v2 hierarchy (exact
-        membership, cgroup.kill), and of the v1 hierarchies only those its limits need
-        (joining each costs its start a lock the kernel takes machine-wide)."""
+    def settings(self, limits: Limits) -> tuple[Setting, ...]:
+        """What to write into an agent's cgroups for its limits, by where the machine
+        enforces each."""
         v2 = self.v2_controllers
-        needed = {V2, *(c for c, wanted in (
-            ("memory", limits.memory_mb), ("pids", limits.processes),
-            ("cpuacct", limits.cpu_seconds), ("cpu", limits.cpu_percent)) if wanted)}
-        dirs = {c: str(base / agent_id) for c, base in self.bases.items() if c in needed}
-        settings: list[tuple[str, str]] = []
-
-        def put(controller: str, filename: str, value: int | str) -> None:
-            settings.append((f"{dirs[controller]}/{filename}", str(value)))
-
+        out: list[Setting] = []
         if limits.memory_mb:
             if "memory" in v2:
-                put(V2, "memory.max", limits.memory_mb << 20)
-                put(V2, "memory.swap.max", 0)
-            elif "memory" in dirs:
-                put("memory", "memory.limit_in_bytes", limits.memory_mb << 20)
+                out += [(V2, "memory.max", str(limits.memory_mb << 20)),
+                        (V2, "memory.swap.max", "0")]
+            else:
+                out.append(("memory", "memory.limit_in_bytes", str(limits.memory_mb << 20)))
         if limits.processes:
-            if "pids" in v2:
-                put(V2, "pids.max", limits.processes)
-            elif "pids" in dirs:
-                put("pids", "pids.max", limits.processes)
+            out.append((V2, "pids.max", str(limits.processes)) if "pids" in v2
+                       else ("pids", "pids.max", str(limits.processes)))
         if limits.cpu_percent:
             quota = limits.cpu_percent * CPU_PERIOD_US // 100
             if "cpu" in v2:
-                put(V2, "cpu.max", f"{quota} {CPU_PERIOD_US}")
-            elif "cpu" in dirs:
-                put("cpu", "cpu.cfs_period_us", CPU_PERIOD_US)
-                put("cpu", "cpu.cfs_quota_us", quota)
-        if V2 in dirs and "memory" in v2:
+                out.append((V2, "cpu.max", f"{quota} {CPU_PERIOD_US}"))
+            else:
+                out += [("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US)),
+                        ("cpu", "cpu.cfs_quota_us", str(quota))]
+        if "memory" in v2:
             # The OOM killer takes the whole tree, not one process of it.
-            put(V2, "memory.oom.group", 1)
-        return CgroupPlan(dirs=dirs, settings=tuple(settings))
+            out.append((V2, "memory.oom.group", "1"))
+        return tuple(out)
 
     def enforced(self) -> dict[str, str]:
         """How each limit is enforced here, for logs, heartbeats and errors."""
@@ -231,6 +225,18 @@ class CgroupSupport:
         for base in self.bases.values():
             with contextlib.suppress(OSError):
                 base.rmdir()
+
+
+def needed_controllers(limits: list[Limits]) -> set[str]:
+    """The hierarchies a spoke's agents need cgroups in: the v2 one always (exact
+    membership, cgroup.kill), and of the v1 ones those some template's limits use
+    (each costs every start a move into it, which the kernel makes wait for RCU)."""
+    needed = {V2}
+    for lim in limits:
+        needed |= {c for c, wanted in (("memory", lim.memory_mb), ("pids", lim.processes),
+                                       ("cpuacct", lim.cpu_seconds),
+                                       ("cpu", lim.cpu_percent)) if wanted}
+    return needed
 
 
 def spoke_bases(spoke: str) -> dict[str, Path]:

@@ -88,16 +88,25 @@ def level_at_least(provided: str, wanted: str) -> bool:
 
 @dataclass(frozen=True)
 class View:
-    """The file system an agent sees (see the module's docstring)."""
+    """The file system every agent of a spoke sees (see the module's docstring); each
+    agent's own working folder is added to it (add_workdir)."""
 
     # The spoke's home: keys, state.db, config.toml, every agent's folder and log.
     home: str
-    # The agent's working folder (inside home): bound back, writable.
-    workdir: str
     # Host paths bound back read-only where a hidden or private place covers them.
     expose: tuple[str, ...] = ()
-    # False: a network namespace of its own with only a loopback interface.
-    network: bool = True
+
+
+@dataclass(frozen=True)
+class Built:
+    """A view made, ready for the agent's folder."""
+
+    home: str
+    # The spoke's home as it is on the host (an O_PATH descriptor).
+    home_fd: int
+    # The empty tmpfs the way to the agent's folder will be made in ("" when that is a
+    # private, writable one: /tmp, /var/tmp).
+    holder: str
 
 
 def unshare(flags: int) -> None:
@@ -206,16 +215,16 @@ def _tmpfs(target: str, mode: str) -> None:
           if target == "/dev" else f"mode={mode}")
 
 
-def build_view(view: View) -> None:
-    """Turn this process's (new, unshared) mount namespace into the agent's view. Call
-    in the agent's init, before the agent is forked."""
+def build_view(view: View) -> Built:
+    """Turn this process's (new, unshared) mount namespace into the agents' view. Call
+    in the agent's init; add_workdir then adds the agent's own folder."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     # Everything bound back is opened before anything is covered.
     hidden = [*PROTECTED_HOMES, *PRIVATE_TMP, view.home]
     exposed = [(p, os.open(p, os.O_PATH | os.O_CLOEXEC)) for p in sorted(set(view.expose))
                if any(_inside(p, h) for h in hidden) and os.path.exists(p)
                and not _inside(p, view.home)]
-    workdir = os.open(view.workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    home_fd = os.open(view.home, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     devices = [(d, os.open(f"/dev/{d}", os.O_PATH | os.O_CLOEXEC)) for d in DEVICES
                if os.path.exists(f"/dev/{d}")]
     for path in PROTECTED_HOMES:
@@ -236,15 +245,35 @@ def build_view(view: View) -> None:
     # After the exposures: one of them may hold the home (the home is hidden in it too).
     if os.path.isdir(view.home):
         _tmpfs(view.home, "0755")
-    os.makedirs(view.workdir, mode=0o755, exist_ok=True)
-    _bind_from(workdir, view.workdir, recursive=False)
-    os.close(workdir)
+        holder = view.home
+    else:
+        holder = next((h for h in PROTECTED_HOMES if _inside(view.home, h)), "")
     _minimal_dev(devices)
     _read_only("/", recursive=True)
-    for path in (*PRIVATE_TMP, "/dev/shm", view.workdir):
+    for path in (*PRIVATE_TMP, "/dev/shm"):
         if os.path.isdir(path):
             _read_only(path, recursive=False, clear=True)
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    return Built(home=view.home, home_fd=home_fd, holder=holder)
+
+
+def add_workdir(built: Built, workdir: str) -> None:
+    """Bind the agent's own folder (inside the spoke's home) into the view, writable;
+    the view keeps no way back to the rest of the home."""
+    relative = os.path.relpath(workdir, built.home)
+    if relative.startswith(".."):
+        raise OSError(errno.EINVAL, f"{workdir} is not inside {built.home}")
+    source = os.open(relative, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                     dir_fd=built.home_fd)
+    os.close(built.home_fd)
+    if built.holder:
+        _read_only(built.holder, recursive=False, clear=True)
+    os.makedirs(workdir, mode=0o755, exist_ok=True)
+    if built.holder:
+        _read_only(built.holder, recursive=False)
+    _bind_from(source, workdir, recursive=False)
+    os.close(source)
+    _read_only(workdir, recursive=False, clear=True)
 
 
 def _minimal_dev(devices: list[tuple[str, int]]) -> None:

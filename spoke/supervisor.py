@@ -94,9 +94,10 @@ class _Watched(Generic[Recorded]):
 
 
 class AgentSupervisor(Generic[Recorded]):
-    def __init__(self, launcher: Launcher,
+    def __init__(self, launcher: Launcher, isolated: bool,
                  on_exit: Callable[[str, Ending], Awaitable[Recorded]]) -> None:
         self._launcher = launcher
+        self._isolated = isolated
         self._on_exit = on_exit
         self._running: dict[str, _Watched[Recorded]] = {}
         # Agents whose supervisor is starting: a kill meanwhile waits for the start.
@@ -115,8 +116,8 @@ class AgentSupervisor(Generic[Recorded]):
             launched = Launched(started.pid, started.start_time)
             self._running[plan.agent_id] = _Watched(
                 agent_id=plan.agent_id, run_dir=Path(plan.run_dir), launched=launched,
-                limits=limits, cgroups=plan.cgroups, isolated=plan.level != "none",
-                grace_seconds=plan.grace_seconds)
+                limits=limits, cgroups=CgroupPlan(dirs=started.cgroups),
+                isolated=self._isolated, grace_seconds=plan.grace_seconds)
         finally:
             if claim_fd is not None:
                 os.close(claim_fd)  # the supervisor holds it now

@@ -50,6 +50,14 @@ argv = ["/nonexistent/fleetwire-test-binary"]
 '''
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration starts real daemons: the slow tier."""
+    integration = Path(__file__).parent / "integration"
+    for item in items:
+        if item.path.is_relative_to(integration):
+            item.add_marker(pytest.mark.slow)
+
+
 class InProcessFederation(LocalFederation):
     """Runs set-up commands in this process (fast); daemons are still real processes."""
 

@@ -1,4 +1,4 @@
-"""The `fleetwire` program as a person runs it: JSON shapes and DESIGN.md's exit codes."""
+"""The `fleetwire` program as a person runs it: JSON shapes and docs/design.md's exit codes."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ NEED = {"status": 1, "list": 1, "spawn": 2, "kill": 2}
 
 
 def expected(spoke: str, workspace: str, caller: str, action: str) -> str:
-    """The outcome the rules in DESIGN.md and the issue call for, derived independently."""
+    """The outcome the rules in docs/design.md and the issue call for, derived independently."""
     tenant, role, principal = CALLERS[caller]
     if tenant != "acme":
         # Targets are acme's; acme's workspace names do not exist in globex.

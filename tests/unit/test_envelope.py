@@ -1,4 +1,4 @@
-"""seal_envelope / open_envelope: the wire rules of DESIGN.md ("The wire")."""
+"""seal_envelope / open_envelope: the wire rules of docs/design.md ("The wire")."""
 
 from __future__ import annotations
 

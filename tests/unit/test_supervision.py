@@ -19,7 +19,7 @@ from spoke.isolation import UidPool
 from spoke.launcher import Launcher, LaunchFailed, Started
 from spoke.limits import CgroupSupport, Limits
 from spoke.sandbox import FULL, NONE, View
-from spoke.shim import EXIT_FILE, KILL_FILE, ShimPlan, read_json, write_json
+from spoke.shim import EXIT_FILE, KILL_FILE, ShimPlan, SpokeSide, read_json, write_json
 from spoke.supervisor import ending_of
 from tests.integration.helpers import eventually
 
@@ -37,6 +37,10 @@ class Agents:
         self.home, self.launcher, self.level = home, launcher, level
         self.uids = UidPool(UID_BASE, 50, claims)
         self.cgroups = CgroupSupport(f"test-{os.getpid()}")
+        self.side = SpokeSide(level=level, view=View(
+            home=str(home), expose=(sys.prefix, sys.base_prefix,
+                                    str(Path(__file__).parents[2]))),
+            cgroup_bases={c: str(b) for c, b in self.cgroups.bases.items()})
         self._n = 0
 
     def plan(self, argv: list[str], **options: object) -> ShimPlan:
@@ -48,16 +52,13 @@ class Agents:
         return ShimPlan(
             agent_id=agent_id, argv=argv, env={"PATH": "/usr/bin:/bin", "MARK": agent_id,
                                                procfs.AGENT_ENV: agent_id},
-            level=self.level, view=View(home=str(self.home), workdir=str(workdir),
-                                        expose=(sys.prefix, sys.base_prefix,
-                                                str(Path(__file__).parents[2])),
-                                        network=bool(options.pop("network", True))),
+            workdir=str(workdir), network=bool(options.pop("network", True)),
             log_path=str(self.home / "workspaces" / "t" / "w" / "logs" / f"{agent_id}.log"),
             log_cap_bytes=int(options.pop("log_cap", 1 << 20)),
             run_dir=str(self.home / "run" / agent_id),
             max_runtime_seconds=float(options.pop("runtime", 60)),
             grace_seconds=float(options.pop("grace", 1)),
-            cgroups=self.cgroups.plan(agent_id, limits),
+            cgroup_settings=self.cgroups.settings(limits),
             limits={"memory_mb": limits.memory_mb}, **options)  # type: ignore[arg-type]
 
     async def start(self, plan: ShimPlan) -> tuple[ShimPlan, Started]:
@@ -123,6 +124,7 @@ async def agents(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     probed = await launcher.start()
     assert probed[FULL] == "", probed
     found = Agents(home, launcher, request.param, tmp_path / "claims")
+    await launcher.configure(found.side)
     try:
         yield found
     finally:
@@ -151,7 +153,7 @@ async def test_a_kill_ends_what_ignores_sigterm_and_what_escaped_with_setsid(
         agents: Agents) -> None:
     stubborn = Path(__file__).parents[1] / "agents" / "stubborn.py"
     plan, started = await agents.start(agents.plan([sys.executable, str(stubborn)]))
-    workdir = Path(plan.view.workdir)
+    workdir = Path(plan.workdir)
     await eventually(lambda: (workdir / "grandchild.pid").exists(), what="the grandchild")
     assert len(marked(plan.agent_id)) == 2
     ask_kill(plan, started, grace=0.3)
