@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 from spoke import sandbox
 
@@ -23,9 +24,12 @@ PLAIN = 65534
 
 
 def _reachable_interpreter() -> None:
-    """In a new mount namespace: /root emptied, the interpreter's prefix bound back."""
+    """In a new mount namespace: /root emptied, the interpreter's installation, its
+    virtual environment and this checkout bound back where they lie under it."""
     sandbox.mount(None, "/", None, sandbox.MS_REC | sandbox.MS_PRIVATE)
-    prefixes = sorted({p for p in (sys.base_prefix, sys.prefix) if p.startswith("/root/")})
+    checkout = str(Path(__file__).resolve().parents[2])
+    prefixes = sorted({p for p in (sys.base_prefix, sys.prefix, checkout)
+                       if p.startswith("/root/")})
     if not prefixes:
         return
     held = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in prefixes]
