@@ -22,6 +22,7 @@ from shared.pb.v1 import operator_pb2, wire_pb2
 from shared.scope import Role
 from tests.conftest import Federation, build_federation
 from tests.databases import create_database, drop_database, postgres_url
+from tests.unit.test_migrations import script_head
 
 
 @dataclass
@@ -221,7 +222,7 @@ def test_two_hubs_starting_at_once_on_a_new_database_both_migrate_it(
         assert all(d.proc.poll() is None for d in daemons)
         migrated = fleetwire("migrate", "--home", str(home))
         assert migrated.returncode == 0, migrated.stderr
-        assert "at schema 0006" in migrated.stdout
+        assert f"at schema {script_head()}" in migrated.stdout
         for daemon in daemons:
             assert daemon.stop() == 0
     finally:
