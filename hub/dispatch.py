@@ -23,7 +23,7 @@ from tenacity import (
 
 from hub.streams import SpokeStreams
 from shared.config import Config
-from shared.envelope import Keyring, open_reply, seal_envelope
+from shared.envelope import Keyring, now_ms, open_reply, seal_envelope
 from shared.errors import (
     Unauthenticated,
     Unavailable,
@@ -68,15 +68,27 @@ class SpokeDispatcher:
     def channels(self) -> PeerChannels:
         return self._channels
 
-    def seal(self, spoke: str, command: wire_pb2.Command) -> tuple[str, wire_pb2.SignedEnvelope]:
-        """Sign a command for a spoke once; returns its message_id and the envelope."""
+    def budget_seconds(self, extra_timeout: float = 0.0) -> float:
+        """How long delivering a command may take, every attempt and wait included."""
+        retry = self._cfg.retry
+        waits = sum(min(retry.initial_backoff_seconds * 2.0 ** n, retry.max_backoff_seconds)
+                    for n in range(retry.attempts - 1))
+        return retry.attempts * (retry.attempt_timeout_seconds + extra_timeout) + waits
+
+    def seal(self, spoke: str, command: wire_pb2.Command, *, extra_timeout: float = 0.0
+             ) -> tuple[str, wire_pb2.SignedEnvelope]:
+        """Sign a command for a spoke once; returns its message_id and the envelope. Its
+        deadline is when the hub will have given up delivering it (see deliver()): a
+        spoke reached later does nothing, so nothing runs that its caller was told had
+        failed."""
+        command.deadline_ms = now_ms() + int(self.budget_seconds(extra_timeout) * 1000)
         signed = seal_envelope(self._identity, recipient=spoke, command=command)
         return wire_pb2.Envelope.FromString(signed.envelope).message_id, signed
 
     async def send(self, spoke: str, address: str, command: wire_pb2.Command,
                    *, extra_timeout: float = 0.0) -> wire_pb2.Response:
         """Seal and deliver a command."""
-        message_id, signed = self.seal(spoke, command)
+        message_id, signed = self.seal(spoke, command, extra_timeout=extra_timeout)
         return await self.deliver(spoke, address, message_id, signed,
                                   extra_timeout=extra_timeout)
 

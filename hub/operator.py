@@ -158,10 +158,11 @@ class HubOperator:
         command.kill.reason = reason
         if grace_ms is not None:
             command.kill.grace_ms = grace_ms
-        message_id, signed = self._dispatch.seal(known.spoke, command)
+        extra = (grace_ms or 0) / 1000 + 10.0
+        message_id, signed = self._dispatch.seal(known.spoke, command, extra_timeout=extra)
         response = await self._dispatch.deliver(
             known.spoke, self._reachable(known.spoke, peer), message_id, signed,
-            extra_timeout=(grace_ms or 0) / 1000 + 10.0)
+            extra_timeout=extra)
         return await self._seen(known.spoke, response.agent, _done(
             "agent.kill", response.agent, known.spoke, message_id,
             f"{_state(response.agent)}: {response.agent.reason}"))

@@ -29,6 +29,7 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
     not_found_agent,
     not_found_tenant,
     not_found_workspace,
@@ -129,6 +130,7 @@ class SpokeCommands:
         which = command.WhichOneof("action") or "none"
         with self._metrics.command(which) as observed:
             try:
+                self._in_time(command)
                 scope, target = await self._authorize(peer, command)
                 with use_scope(scope):
                     return await self._act(command, target, message_id)
@@ -145,6 +147,16 @@ class SpokeCommands:
             target=getattr(command, which).agent_id if which in _ON_AGENT | {"spawn"} else "",
             message_id=message_id, reason=refusal.message))
         return wire_pb2.Response(error=to_wire_error(refusal))
+
+    def _in_time(self, command: wire_pb2.Command) -> None:
+        """Refuse a command that arrives after its deadline: its sender has given up on
+        it and told its caller it failed, so it must not happen now."""
+        late = now_ms() - command.deadline_ms
+        if command.deadline_ms and late > 0:
+            raise Unavailable(
+                f"the command reached spoke '{self._cfg.name}' {late / 1000:.1f} s after its "
+                "deadline, when its hub had given up on it; nothing was done (hub and "
+                "spoke clocks must agree to within seconds)")
 
     async def _authorize(self, peer: str, command: wire_pb2.Command) -> tuple[Scope, _Target]:
         which = command.WhichOneof("action")

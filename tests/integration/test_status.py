@@ -300,6 +300,51 @@ async def test_spawn_cut_off_by_a_crash_gives_one_agent_on_retry(fed: Federation
     kill_marked(agent_id)
 
 
+async def test_a_command_past_its_deadline_does_nothing(fed: Federation) -> None:
+    """Bytes held back until after the hub gave up (and told its caller the spawn failed)
+    must not start an agent when they arrive: the spoke refuses, audited, and the same
+    bytes again get the same refusal."""
+    hub_id = load_identity(fed.hub.name, fed.home(fed.hub.name) / "identity.key")
+    agent_id = hashlib.sha256(b"late").hexdigest()[:32]
+    cmd = wire_pb2.Command(tenant="acme", workspace="research",
+                           principal=wire_pb2.Principal(name="alice", role=Role.OPERATOR.value),
+                           deadline_ms=int(time.time() * 1000) - 1500)
+    cmd.spawn.CopyFrom(wire_pb2.SpawnAgent(agent_id=agent_id, template="sleeper"))
+    signed = seal_envelope(hub_id, recipient="spoke-b", command=cmd)
+    async with fed.peer_channel(fed.hub.name, "spoke-b") as ch:
+        stub = wire_pb2_grpc.SpokeServiceStub(ch)
+        answers = [await stub.Deliver(signed, timeout=20) for _ in range(2)]
+    refused = [wire_pb2.Envelope.FromString(a.envelope).response for a in answers]
+    assert refused[0] == refused[1] and refused[0].WhichOneof("result") == "error"
+    assert "after its deadline" in refused[0].error.message
+    assert agent_id not in fed.fed.agent_ids("spoke-b")
+    assert processes_with_marker(agent_id) == []
+    listed = await asyncio.to_thread(fed.fed.cli, "audit", "list", "--home",
+                                     str(fed.home("spoke-b")), "--json", show=False)
+    audit = json.loads(listed.stdout)
+    assert any(r["outcome"] == "refused" and "after its deadline" in r["reason"]
+               for r in audit)
+
+
+async def test_the_hub_gives_each_command_the_deadline_it_keeps_to(fed: Federation) -> None:
+    """The deadline a hub signs into a command is when its own retries end."""
+    from hub.dispatch import SpokeDispatcher
+    from shared.config import load_config
+
+    cfg = load_config(fed.home(fed.hub.name))
+    dispatcher = SpokeDispatcher(cfg, load_identity(fed.hub.name,
+                                                    fed.home(fed.hub.name) / "identity.key"),
+                                 keyring=None, certs=None, metrics=None)  # type: ignore[arg-type]
+    before = int(time.time() * 1000)
+    _, signed = dispatcher.seal("spoke-a", wire_pb2.Command(tenant="acme"), extra_timeout=3)
+    deadline = wire_pb2.Envelope.FromString(signed.envelope).command.deadline_ms
+    retry = cfg.retry
+    assert dispatcher.budget_seconds(3) >= retry.attempts * (retry.attempt_timeout_seconds + 3)
+    assert before + dispatcher.budget_seconds(3) * 1000 <= deadline <= (
+        int(time.time() * 1000) + dispatcher.budget_seconds(3) * 1000)
+    await dispatcher.close()
+
+
 def test_spoke_list_and_logs_through_the_cli(fed: Federation) -> None:
     env = fed.agent_env("acme")
     out = fed.fed.cli("spoke", "list", "--json", env=env, show=False).stdout

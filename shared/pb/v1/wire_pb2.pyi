@@ -135,10 +135,11 @@ class Principal(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("tenant", "workspace", "principal", "spawn", "get", "list", "kill", "create_workspace", "logs")
+    __slots__ = ("tenant", "workspace", "principal", "deadline_ms", "spawn", "get", "list", "kill", "create_workspace", "logs")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     SPAWN_FIELD_NUMBER: _ClassVar[int]
     GET_FIELD_NUMBER: _ClassVar[int]
     LIST_FIELD_NUMBER: _ClassVar[int]
@@ -148,13 +149,14 @@ class Command(_message.Message):
     tenant: str
     workspace: str
     principal: Principal
+    deadline_ms: int
     spawn: SpawnAgent
     get: GetAgent
     list: ListAgents
     kill: KillAgent
     create_workspace: CreateWorkspace
     logs: GetLogs
-    def __init__(self, tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ..., spawn: _Optional[_Union[SpawnAgent, _Mapping]] = ..., get: _Optional[_Union[GetAgent, _Mapping]] = ..., list: _Optional[_Union[ListAgents, _Mapping]] = ..., kill: _Optional[_Union[KillAgent, _Mapping]] = ..., create_workspace: _Optional[_Union[CreateWorkspace, _Mapping]] = ..., logs: _Optional[_Union[GetLogs, _Mapping]] = ...) -> None: ...
+    def __init__(self, tenant: _Optional[str] = ..., workspace: _Optional[str] = ..., principal: _Optional[_Union[Principal, _Mapping]] = ..., deadline_ms: _Optional[int] = ..., spawn: _Optional[_Union[SpawnAgent, _Mapping]] = ..., get: _Optional[_Union[GetAgent, _Mapping]] = ..., list: _Optional[_Union[ListAgents, _Mapping]] = ..., kill: _Optional[_Union[KillAgent, _Mapping]] = ..., create_workspace: _Optional[_Union[CreateWorkspace, _Mapping]] = ..., logs: _Optional[_Union[GetLogs, _Mapping]] = ...) -> None: ...
 
 class GetLogs(_message.Message):
     __slots__ = ("agent_id", "tail_lines")
