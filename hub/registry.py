@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 
 from hub.events import AgentEvents
-from shared.audit import AuditEntry, AuditTrail, add_audit
+from shared.audit import ALLOWED, REFUSED, AuditEntry, AuditTrail, add_audit
 from shared.db import models
 from shared.db.direct import Statements, mapped_columns, to_model
 from shared.envelope import now_ms
@@ -213,15 +214,17 @@ class HubRegistry:
     def apply_report(self, tx: Statements, spoke: str,
                      updates: list[wire_pb2.AgentUpdate]) -> int:
         """Apply a spoke's status report among tx's statements (an AuditTrail.apply
-        transaction); returns how many updates changed something. Only agents this hub
-        spawned on that spoke, in their recorded tenant, count. Watchers hear of the
-        changes once committed."""
+        transaction); returns how many updates changed something. An agent the registry
+        has must be on that spoke in its recorded tenant; one it does not have (its
+        spawn was not recorded here: a lost or restored hub database) is taken in when
+        its tenant is one of this hub's, audited. Watchers hear of the changes once
+        committed."""
         applied = []
         for change in updates:
             agent = wire_pb2.Agent()
             agent.CopyFrom(change.agent)
             agent.seq = change.seq
-            applied.append(_apply(tx, spoke, agent, adopt_unknown=False))
+            applied.append(_apply(tx, spoke, agent, adopt_unknown=_adoptable))
         tx.after_commit(lambda: self._publish(applied))
         return sum(a is not None for a in applied)
 
@@ -232,6 +235,26 @@ class HubRegistry:
                 self.events.publish(agent)
 
 
+_TENANT = select(models.Tenant.id).where(models.Tenant.slug == bindparam("b_tenant"))
+
+
+def _adoptable(tx: Statements, spoke: str, agent: wire_pb2.Agent) -> bool:
+    """Whether an agent a spoke reports, which the registry has no record of, can be
+    taken in: its tenant is one of this hub's. Audited either way."""
+    known_tenant = tx.first(_TENANT, {"b_tenant": agent.tenant}) is not None
+    add_audit(tx, AuditEntry(
+        action="agent.adopt", outcome=ALLOWED if known_tenant else REFUSED,
+        tenant=agent.tenant, workspace=agent.workspace, peer=spoke, target=agent.agent_id,
+        reason=(f"reported by spoke '{spoke}', which runs it for this hub; the registry "
+                f"had no record of it (state {state_name(agent)})" if known_tenant else
+                f"reported by spoke '{spoke}' in tenant '{agent.tenant}', which this hub "
+                "does not keep")))
+    if known_tenant:
+        log.warning("spoke %s reported agent %s, which the registry had no record of; "
+                    "taken in", spoke, agent.agent_id)
+    return known_tenant
+
+
 def _new_row(**values: Any) -> dict[str, Any]:
     """Every column of a new registry row: an agent spawned, not heard of yet."""
     return {"state": "PENDING", "updated_at_ms": now_ms(), "snapshot": None,
@@ -239,13 +262,17 @@ def _new_row(**values: Any) -> dict[str, Any]:
 
 
 def _apply(tx: Statements, spoke: str, agent: wire_pb2.Agent, *,
-           adopt_unknown: bool) -> wire_pb2.Agent | None:
-    """Store agent if it is newer than what the registry has; return what changed."""
+           adopt_unknown: bool | Callable[[Statements, str, wire_pb2.Agent], bool]
+           ) -> wire_pb2.Agent | None:
+    """Store agent if it is newer than what the registry has; return what changed. An
+    agent the registry does not have is added if adopt_unknown (or what it says of
+    it)."""
     # Locked until commit: a second hub process on the same database applying another
     # report of this agent waits, then sees this one's sequence number.
     found = tx.first(_ROW_FOR_UPDATE, {"b_agent": agent.agent_id})
     if found is None:
-        if not adopt_unknown:
+        adopt = adopt_unknown(tx, spoke, agent) if callable(adopt_unknown) else adopt_unknown
+        if not adopt:
             return None
         row = _new_row(agent_id=agent.agent_id, spoke=spoke, tenant=agent.tenant,
                        workspace=agent.workspace, template=agent.template,

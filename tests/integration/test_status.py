@@ -300,6 +300,39 @@ async def test_spawn_cut_off_by_a_crash_gives_one_agent_on_retry(fed: Federation
     kill_marked(agent_id)
 
 
+async def test_the_hub_takes_in_an_agent_it_has_no_record_of(fed: Federation) -> None:
+    """A spoke runs an agent for this hub that the hub's registry lost (a restored
+    database): its report brings it back, audited. In a tenant the hub does not keep, it
+    is refused, audited, and nothing is added."""
+    spoke = load_identity("spoke-a", fed.home("spoke-a") / "identity.key")
+    unknown = wire_pb2.Agent(agent_id=hashlib.sha256(b"orphan").hexdigest()[:32],
+                             tenant="acme", workspace="lab", template="sleeper",
+                             principal="alice", reason="running",
+                             state=wire_pb2.AgentState.Value("AGENT_STATE_RUNNING"))
+    stranger = wire_pb2.Agent()
+    stranger.CopyFrom(unknown)
+    stranger.agent_id, stranger.tenant = hashlib.sha256(b"stray").hexdigest()[:32], "initech"
+    signed = seal_envelope(spoke, recipient=fed.hub.name, report=wire_pb2.StatusReport(
+        updates=[wire_pb2.AgentUpdate(agent=unknown, seq=3),
+                 wire_pb2.AgentUpdate(agent=stranger, seq=3)]))
+    async with fed.peer_channel(spoke.name, fed.hub.name) as ch:
+        reply = await wire_pb2_grpc.HubPeerServiceStub(ch).Deliver(signed, timeout=10)
+    assert wire_pb2.Envelope.FromString(reply.envelope).response.HasField("ack")
+    async with client(fed) as hub:
+        taken = await hub.status(unknown.agent_id)
+        assert state(taken) == "RUNNING" and taken.spoke == "spoke-a"
+    listed = await asyncio.to_thread(fed.fed.cli, "audit", "list", "--home",
+                                     str(fed.home(fed.hub.name)), "--json", show=False)
+    adoptions = {r["target"]: r for r in json.loads(listed.stdout)
+                 if r["action"] == "agent.adopt"}
+    assert adoptions[unknown.agent_id]["outcome"] == "allowed"
+    assert adoptions[stranger.agent_id]["outcome"] == "refused"
+    assert "does not keep" in adoptions[stranger.agent_id]["reason"]
+    with closing(sqlite3.connect(fed.home(fed.hub.name) / "state.db")) as conn:
+        assert conn.execute("SELECT count(*) FROM hub_agents WHERE agent_id = ?",
+                            (stranger.agent_id,)).fetchone()[0] == 0
+
+
 async def test_a_command_past_its_deadline_does_nothing(fed: Federation) -> None:
     """Bytes held back until after the hub gave up (and told its caller the spawn failed)
     must not start an agent when they arrive: the spoke refuses, audited, and the same
