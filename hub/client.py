@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -10,7 +11,7 @@ from types import TracebackType
 import grpc
 
 from shared.config import KeepAliveConfig
-from shared.errors import FleetwireError, InvalidArgument, from_rpc_error
+from shared.errors import IDEMPOTENCY_KEY, FleetwireError, InvalidArgument, from_rpc_error
 from shared.pb.v1 import operator_pb2, operator_pb2_grpc, wire_pb2
 from shared.peers import check_address
 from shared.rpc import open_channel
@@ -54,9 +55,12 @@ class HubClient:
     """The operator API over one channel. `ca` is how the hub's TLS certificate is
     trusted: a PEM file (the hub's tls.crt, or a CA's), or `sha256:HEX` to pin the
     certificate itself; without one, only a loopback hub is reached, in plaintext: a
-    bearer token never crosses a network unencrypted."""
+    bearer token never crosses a network unencrypted. `idempotency_key`: the key of the
+    calls that create or change something (default: a new one for each call); the same
+    call again with the same key gets the first call's answer."""
 
-    def __init__(self, address: str, token: str, ca: str = "") -> None:
+    def __init__(self, address: str, token: str, ca: str = "",
+                 idempotency_key: str = "") -> None:
         if not address:
             raise InvalidArgument("no hub address; pass --hub HOST:PORT or set FLEETWIRE_HUB")
         if not token:
@@ -69,6 +73,7 @@ class HubClient:
                 "fingerprint (or set FLEETWIRE_HUB_CA)")
         self._ca = ca
         self._metadata = (("authorization", f"Bearer {token}"),)
+        self._idempotency_key = idempotency_key
 
     async def __aenter__(self) -> HubClient:
         creds, name = await asyncio.to_thread(_trust, self._address, self._ca)
@@ -80,10 +85,17 @@ class HubClient:
                         ) -> None:
         await self._channel.close()
 
-    async def _call(self, method: str, request: object, timeout: float) -> object:
+    async def _call(self, method: str, request: object, timeout: float, *,
+                    changes: bool = False) -> object:
+        """Call method; one that creates or changes something carries an idempotency key
+        (this client's, or a new one per call), so the same call again gets the first
+        answer (hub/idempotency.py)."""
+        metadata: tuple[tuple[str, str], ...] = self._metadata
+        if changes:
+            metadata += ((IDEMPOTENCY_KEY, self._idempotency_key or uuid.uuid4().hex),)
         try:
             return await getattr(self._stub, method)(
-                request, metadata=self._metadata, timeout=timeout)
+                request, metadata=metadata, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if (exc.code() == grpc.StatusCode.UNAVAILABLE and not self._ca
                     and await asyncio.to_thread(fetch_certificate, self._address)):
@@ -97,7 +109,7 @@ class HubClient:
                     params: dict[str, str]) -> wire_pb2.Agent:
         req = operator_pb2.SpawnAgentRequest(spoke=spoke, workspace=workspace,
                                              template=template, task=task, params=params)
-        return await self._call("SpawnAgent", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+        return await self._call("SpawnAgent", req, CALL_TIMEOUT_SECONDS, changes=True)  # type: ignore[return-value]
 
     async def status(self, agent_id: str, *, live: bool = False) -> wire_pb2.Agent:
         req = operator_pb2.GetAgentRequest(agent_id=agent_id, live=live)
@@ -114,16 +126,16 @@ class HubClient:
         if grace_ms is not None:
             req.grace_ms = grace_ms
         timeout = CALL_TIMEOUT_SECONDS + (grace_ms or 0) / 1000
-        return await self._call("KillAgent", req, timeout)  # type: ignore[return-value]
+        return await self._call("KillAgent", req, timeout, changes=True)  # type: ignore[return-value]
 
     async def kill_many(self, req: operator_pb2.KillAgentsRequest
                         ) -> operator_pb2.KillAgentsResponse:
         timeout = CALL_TIMEOUT_SECONDS + (req.grace_ms if req.HasField("grace_ms") else 0) / 1000
-        return await self._call("KillAgents", req, timeout)  # type: ignore[return-value]
+        return await self._call("KillAgents", req, timeout, changes=True)  # type: ignore[return-value]
 
     async def create_token(self, principal: str, role: Role) -> operator_pb2.IssuedToken:
         req = operator_pb2.CreateTokenRequest(principal=principal, role=f"ROLE_{role.name}")
-        return await self._call("CreateToken", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+        return await self._call("CreateToken", req, CALL_TIMEOUT_SECONDS, changes=True)  # type: ignore[return-value]
 
     async def list_tokens(self) -> operator_pb2.ListTokensResponse:
         req = operator_pb2.ListTokensRequest()
@@ -131,17 +143,17 @@ class HubClient:
 
     async def rotate_token(self, token_id: int, grace_hours: int) -> operator_pb2.IssuedToken:
         req = operator_pb2.RotateTokenRequest(id=token_id, grace_hours=grace_hours)
-        return await self._call("RotateToken", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+        return await self._call("RotateToken", req, CALL_TIMEOUT_SECONDS, changes=True)  # type: ignore[return-value]
 
     async def revoke_token(self, token_id: int) -> None:
         req = operator_pb2.RevokeTokenRequest(id=token_id)
-        await self._call("RevokeToken", req, CALL_TIMEOUT_SECONDS)
+        await self._call("RevokeToken", req, CALL_TIMEOUT_SECONDS, changes=True)
 
     async def create_workspace(self, *, spoke: str, workspace: str,
                                max_agents: int) -> wire_pb2.Workspace:
         req = operator_pb2.CreateWorkspaceRequest(spoke=spoke, workspace=workspace,
                                                   max_agents=max_agents)
-        return await self._call("CreateWorkspace", req, CALL_TIMEOUT_SECONDS)  # type: ignore[return-value]
+        return await self._call("CreateWorkspace", req, CALL_TIMEOUT_SECONDS, changes=True)  # type: ignore[return-value]
 
     async def logs(self, agent_id: str, tail_lines: int = 0) -> wire_pb2.AgentLogs:
         req = operator_pb2.GetLogsRequest(agent_id=agent_id, tail_lines=tail_lines)

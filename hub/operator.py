@@ -103,7 +103,10 @@ class HubOperator:
                 "shows it ONLINE")
         return peer.address
 
-    async def spawn(self, req: operator_pb2.SpawnAgentRequest) -> wire_pb2.Agent:
+    async def spawn(self, req: operator_pb2.SpawnAgentRequest,
+                    agent_id: str = "") -> wire_pb2.Agent:
+        """Spawn on the spoke the request names; agent_id (when a retry must name the
+        same agent) or a new one."""
         require_role(current_scope().principal, Action.SPAWN)
         if not req.spoke:
             raise InvalidArgument("name the spoke to spawn on (--spoke)")
@@ -111,7 +114,7 @@ class HubOperator:
             raise InvalidArgument(f"workspace '{req.workspace}' is not a valid slug")
         check_name("template", req.template)
         address = await self._address(req.spoke)
-        agent_id = secrets.token_hex(16)
+        agent_id = agent_id or secrets.token_hex(16)
         command = self._command(req.workspace)
         command.spawn.CopyFrom(wire_pb2.SpawnAgent(
             agent_id=agent_id, template=req.template, task=req.task, params=req.params))

@@ -182,7 +182,14 @@ class HubRegistry:
         row = _new_row(agent_id=agent_id, spoke=spoke, tenant=scope.tenant,
                        workspace=workspace, template=template,
                        principal=scope.principal.name, spawn_message_id=message_id)
-        await self._trail.apply(lambda tx: tx.run(_ADD_AGENT, row))
+
+        def record(tx: Statements) -> None:
+            # A retried spawn (same idempotency key, same agent id) may find the agent
+            # recorded already, by its first attempt's report.
+            if tx.first(_ROW_FOR_UPDATE, {"b_agent": agent_id}) is None:
+                tx.run(_ADD_AGENT, row)
+
+        await self._trail.apply(record)
 
     async def forget(self, agent_id: str) -> None:
         scope = current_scope()

@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
+from hub.idempotency import IdempotencyKeys, agent_id_for, key_of
 from hub.operator import HubOperator
 from hub.token_admin import TenantTokens
 from hub.tokens import (
@@ -69,6 +71,22 @@ def _authorized(action: str) -> Callable[[Handler[R]], Handler[R]]:
     return decorate
 
 
+def _idempotent(method: Handler[R]) -> Handler[R]:
+    """Run a call that creates or changes something once per idempotency key
+    (hub/idempotency.py); inside _authorized, which sets the caller's scope."""
+
+    @functools.wraps(method)
+    async def wrapper(self: OperatorService, request: Any,
+                      context: grpc.aio.ServicerContext) -> R:
+        answer: Any = self._answers[method.__name__]
+        result: R = await self._keys.once(
+            method.__name__, request, key_of(context), lambda: method(self, request, context),
+            answer, secret=answer is operator_pb2.IssuedToken)
+        return result
+
+    return wrapper
+
+
 class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
     def __init__(self, trail: AuditTrail, operator: HubOperator, metrics: Metrics,
                  view: SecurityView) -> None:
@@ -79,6 +97,14 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         self._operator = operator
         self._metrics = metrics
         self._tokens = TenantTokens(trail)
+        self._keys = IdempotencyKeys(trail)
+        # The answer type of each call that takes an idempotency key.
+        self._answers: dict[str, type[Message]] = {
+            "SpawnAgent": wire_pb2.Agent, "KillAgent": wire_pb2.Agent,
+            "KillAgents": operator_pb2.KillAgentsResponse,
+            "CreateToken": operator_pb2.IssuedToken, "RotateToken": operator_pb2.IssuedToken,
+            "RevokeToken": operator_pb2.RevokeTokenResponse,
+            "CreateWorkspace": wire_pb2.Workspace}
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> Authenticated:
         """The caller's tenant and principal from its bearer token."""
@@ -111,9 +137,11 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
                 reason=err.message))
 
     @_authorized("agent.spawn")
+    @_idempotent
     async def SpawnAgent(self, request: operator_pb2.SpawnAgentRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> wire_pb2.Agent:
-        return await self._operator.spawn(request)
+        key = key_of(context)
+        return await self._operator.spawn(request, agent_id_for(key) if key else "")
 
     @_authorized("agent.status")
     async def GetAgent(self, request: operator_pb2.GetAgentRequest,  # noqa: N802
@@ -126,17 +154,20 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return await self._operator.list_agents(request)
 
     @_authorized("agent.kill")
+    @_idempotent
     async def KillAgent(self, request: operator_pb2.KillAgentRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> wire_pb2.Agent:
         grace = request.grace_ms if request.HasField("grace_ms") else None
         return await self._operator.kill(request.agent_id, grace, request.reason)
 
     @_authorized("agent.kill_many")
+    @_idempotent
     async def KillAgents(self, request: operator_pb2.KillAgentsRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> operator_pb2.KillAgentsResponse:
         return await self._operator.kill_many(request)
 
     @_authorized("token.create")
+    @_idempotent
     async def CreateToken(self, request: operator_pb2.CreateTokenRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext) -> operator_pb2.IssuedToken:
         check_name("principal", request.principal)
@@ -155,6 +186,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
             for t in await self._tokens.list()])
 
     @_authorized("token.rotate")
+    @_idempotent
     async def RotateToken(self, request: operator_pb2.RotateTokenRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext) -> operator_pb2.IssuedToken:
         issued, info = await self._tokens.rotate(request.id, request.grace_hours)
@@ -163,6 +195,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return out
 
     @_authorized("token.revoke")
+    @_idempotent
     async def RevokeToken(self, request: operator_pb2.RevokeTokenRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext
                           ) -> operator_pb2.RevokeTokenResponse:
@@ -170,6 +203,7 @@ class OperatorService(operator_pb2_grpc.OperatorServiceServicer):
         return operator_pb2.RevokeTokenResponse()
 
     @_authorized("workspace.create")
+    @_idempotent
     async def CreateWorkspace(self, request: operator_pb2.CreateWorkspaceRequest,  # noqa: N802
                               context: grpc.aio.ServicerContext) -> wire_pb2.Workspace:
         return await self._operator.create_workspace(request)

@@ -9,6 +9,9 @@ import grpc
 from shared.pb.v1 import wire_pb2
 
 RETRY_AFTER_KEY = "retry-after-ms"
+# The metadata key that names an operator call that creates or changes something, so
+# the same call again gets the first answer (hub/idempotency.py).
+IDEMPOTENCY_KEY = "idempotency-key"
 
 
 class FleetwireError(Exception):

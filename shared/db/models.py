@@ -181,6 +181,24 @@ class HubAgent(Base):
     reported_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
+class IdempotencyKey(Base):
+    """On a hub: an operator call made with an idempotency key, and how it ended, so the
+    same call again gets the same answer (hub/idempotency.py)."""
+
+    __tablename__ = "idempotency_keys"
+    tenant: Mapped[str] = mapped_column(String(63), primary_key=True)
+    principal: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    method: Mapped[str] = mapped_column(String(64))
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    # RUNNING, then DONE (response holds the answer) or REFUSED (error_code, message).
+    state: Mapped[str] = mapped_column(String(16))
+    response: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    error_code: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    error_message: Mapped[str] = mapped_column(Text, default="", server_default="")
+    created_at_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
 class AuditRecord(Base):
     """One link of the hash-chained audit trail (see shared/audit.py)."""
 
