@@ -9,6 +9,10 @@ import grpc
 from shared.pb.v1 import wire_pb2
 
 RETRY_AFTER_KEY = "retry-after-ms"
+# Trailing metadata a daemon adds to every status it ends a call with itself: a client
+# then knows an UNAVAILABLE came from the daemon (say, about a spoke behind a hub), not
+# from failing to reach it.
+REFUSED_KEY = "fleetwire-refused"
 # The metadata key that names an operator call that creates or changes something, so
 # the same call again gets the first answer (hub/idempotency.py).
 IDEMPOTENCY_KEY = "idempotency-key"
@@ -120,8 +124,10 @@ def from_wire_error(err: wire_pb2.Error) -> FleetwireError:
 
 async def abort(context: grpc.aio.ServicerContext, err: FleetwireError) -> NoReturn:
     """End an RPC with the status that err maps to (retry hint in trailing metadata)."""
+    trailing = [(REFUSED_KEY, "1")]
     if err.retry_after_ms:
-        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(err.retry_after_ms)),))
+        trailing.append((RETRY_AFTER_KEY, str(err.retry_after_ms)))
+    context.set_trailing_metadata(tuple(trailing))
     await context.abort(err.status, err.message)
     raise AssertionError("unreachable: context.abort raises")
 
@@ -135,11 +141,14 @@ def from_rpc_error(err: grpc.aio.AioRpcError, *, target: str) -> FleetwireError:
             f"{target} does not serve this API; check the address (is it the hub's "
             "operator address?)"
         )
+    trailing = dict(err.trailing_metadata() or ())
+    retry_after = int(trailing[RETRY_AFTER_KEY]) if str(
+        trailing.get(RETRY_AFTER_KEY, "")).isdigit() else 0
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if REFUSED_KEY in trailing and detail:
+            # The daemon answered: what was unavailable is what its message names (a
+            # spoke behind the hub, say), not the daemon itself.
+            return Unavailable(detail, retry_after_ms=retry_after)
         return Unavailable(f"cannot reach {target}: {detail or code.name}")
     cls = _BY_STATUS.get(code, Internal)
-    retry_after = 0
-    for key, value in err.trailing_metadata() or ():
-        if key == RETRY_AFTER_KEY and str(value).isdigit():
-            retry_after = int(value)
     return cls(detail or code.name, retry_after_ms=retry_after)

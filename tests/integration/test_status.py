@@ -181,6 +181,8 @@ async def test_silent_spoke_turns_offline_and_comes_back(fed: Federation) -> Non
             await hub.spawn(spoke="spoke-b", workspace="research", template="sleeper",
                             task="", params={})
         assert "OFFLINE" in err.value.message and time.monotonic() - started < 2
+        # The hub answered: the message names the spoke that was down, not the hub.
+        assert err.value.message.startswith("spoke 'spoke-b' is OFFLINE"), err.value.message
 
         fed.spokes["spoke-b"] = await asyncio.to_thread(
             fed.fed.start, "spoke", "spoke-b", daemon.address)
