@@ -188,11 +188,19 @@ def serve(side: SpokeSide, sock: socket.socket) -> NoReturn:
     code = 0
     supervisor = _Supervisor(side)
     try:
-        supervisor.prepare(sock.fileno())
+        try:
+            supervisor.prepare(sock.fileno())
+            unprepared = ""
+        except OSError as exc:
+            # Said to the spawn that comes for it, rather than dying unheard.
+            unprepared = f"cannot prepare the agent's supervisor: {exc}"
         message, fds, _, _ = socket.recv_fds(sock, MAX_PLAN, 3)
         sock.close()
         if not message:
             supervisor.stand_down()  # the launcher went away: no agent for this one
+        elif unprepared:
+            os.write(fds[0], json.dumps({"ok": False, "error": unprepared}).encode())
+            supervisor.stand_down()
         else:
             supervisor.run(ShimPlan.from_json(message), ready_fd=fds[0], fence_fd=fds[-1],
                            claim_fd=fds[1] if len(fds) == 3 else None)

@@ -248,3 +248,26 @@ async def test_network_none_leaves_only_loopback(agents: Agents) -> None:
     assert ending_of(record).state == "SUCCEEDED", log_of(plan)
     seen = json.loads(log_of(plan))
     assert seen["loopback"] is True and seen["outside"] != "out"
+
+
+async def test_a_supervisor_that_could_not_get_ready_says_so_to_its_spawn(
+        tmp_path: Path) -> None:
+    """Its cgroups cannot be made (here: a base under /proc): the spawn that comes for it
+    is refused with the reason, and nothing runs."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    launcher = Launcher(home / "run", UID_BASE)
+    await launcher.fence()
+    await launcher.start()
+    agents = Agents(home, launcher, NONE, tmp_path / "claims")
+    agents.side = SpokeSide(level=NONE, view=agents.side.view,
+                            cgroup_bases={"v2": "/proc/fleetwire-no-such-cgroup"}, warm=1)
+    await launcher.configure(agents.side)
+    try:
+        plan = agents.plan(["sleep", "60"])
+        with pytest.raises(LaunchFailed, match="cannot prepare the agent's supervisor: "):
+            await agents.start(plan)
+        assert marked(plan.agent_id) == []
+    finally:
+        await launcher.close()
+        agents.cgroups.close()
