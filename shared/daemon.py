@@ -151,8 +151,8 @@ async def serve_until_stopped(
     pruner = asyncio.create_task(prune())
     # Everything made so far (modules, the engine, the server) lives as long as the
     # daemon: out of the collector's sight, a full collection walks only what came
-    # after (43 ms here for a full pass over the startup objects, an occasional request's
-    # delay).
+    # after, instead of delaying an occasional request by a pass over all of it (the
+    # README's performance section has the figures).
     gc.collect()
     gc.freeze()
     await stop.wait()

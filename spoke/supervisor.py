@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import signal
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from spoke import procfs
-from spoke.launcher import Launcher, LaunchFailed
+from spoke.launcher import Launcher
 from spoke.limits import CgroupPlan, Limits, tree_usage
 from spoke.shim import EXIT_FILE, KILL_FILE, ShimPlan, read_json, write_json
 
@@ -34,16 +35,11 @@ WATCHDOG_SECONDS = 0.25
 # After SIGKILL, how long to keep sweeping for what a supervisor-less agent left.
 KILL_SWEEP_SECONDS = 5.0
 
-__all__ = ["AgentSupervisor", "Ending", "LaunchFailed", "Launched", "ending_of", "sweep"]
-
-
 def raise_open_file_limit() -> int:
     """Raise this process's open-file soft limit to its hard limit, and return it: the
     spoke waits for each live agent's supervisor on a pidfd, one open file per agent.
     The soft limit is 1,024 on many systems for the sake of select(); nothing here uses
     select()."""
-    import resource  # only here: the rest of this module runs on every spawn
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         with contextlib.suppress(OSError, ValueError):
