@@ -119,7 +119,7 @@ class SpokeCommands:
             level=isolation.level, view=View(home=str(cfg.home), expose=exposed_paths(cfg)),
             cgroup_bases={c: str(base) for c, base in self.cgroups.bases.items()
                           if c in needed_controllers(limits)},
-            warm=0 if isolation.refusal else WARM_SUPERVISORS)
+            warm=0 if isolation.refusal else WARM_SUPERVISORS, run_root=str(self.run_root))
         self._running_note = f"isolation {isolation.level}"
         log.info("resource limits on this machine: %s", self.cgroups.describe())
 

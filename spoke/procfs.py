@@ -10,6 +10,7 @@ import _thread
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -235,19 +236,16 @@ def _send(pid: int, recorded_start: int, sig: signal.Signals, flags: int) -> boo
 
 
 
-def children(pid: int) -> list[int]:
-    """The live children of pid: from /proc/PID/task/TID/children where the kernel has
-    it (CONFIG_PROC_CHILDREN), else from a pass over /proc."""
+def _task_children(pid: int) -> list[int]:
+    """The children of every thread of pid, from /proc/PID/task/TID/children."""
+    found: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
-    found: list[int] = []
+        return found
     for tid in tasks:
         try:
             found += [int(c) for c in _read(f"/proc/{pid}/task/{tid}/children").split()]
-        except FileNotFoundError:
-            return [s.pid for s in _all_stats() if s.ppid == pid]
         except OSError:
             continue
     return found
@@ -255,18 +253,19 @@ def children(pid: int) -> list[int]:
 
 def descendants(pid: int) -> list[int]:
     """Every live descendant of pid. For a child subreaper (an agent's supervisor) this
-    is everything its agent started, setsid or not."""
-    by_parent: dict[int, list[int]] | None = None
+    is everything its agent started, setsid or not. Children are read from
+    /proc/PID/task/TID/children where the kernel has it (CONFIG_PROC_CHILDREN), else
+    from one pass over /proc."""
+    children: Callable[[int], list[int]] = _task_children
     if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):
-        by_parent = {}
+        by_parent: dict[int, list[int]] = {}
         for s in _all_stats():
             by_parent.setdefault(s.ppid, []).append(s.pid)
+        children = lambda parent: by_parent.get(parent, [])  # noqa: E731
     found: list[int] = []
     frontier = [pid]
     while frontier:
-        parent = frontier.pop()
-        for child in (by_parent.get(parent, []) if by_parent is not None
-                      else children(parent)):
+        for child in children(frontier.pop()):
             if child not in found:
                 found.append(child)
                 frontier.append(child)

@@ -86,6 +86,8 @@ class SpokeSide:
     cgroup_bases: dict[str, str] = field(default_factory=dict)
     # How many supervisors wait, made ahead of need.
     warm: int = 2
+    # Where the supervisors' run folders go ("" for nowhere to warm up in).
+    run_root: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -257,7 +259,8 @@ class _Supervisor:
         self.cgroups = CgroupPlan(dirs={c: f"{base}/w{os.getpid()}"
                                         for c, base in self.side.cgroup_bases.items()})
         self.cgroups.create()
-        _warm_up(Path(self.side.view.home) / "run" / f".warm-{os.getpid()}")
+        _warm_up(Path(self.side.run_root) / f".warm-{os.getpid()}"
+                 if self.side.run_root else None)
         if not self.isolated:
             return
         joins = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in self.cgroups.join_files()]

@@ -40,7 +40,8 @@ class Agents:
         self.side = SpokeSide(level=level, view=View(
             home=str(home), expose=(sys.prefix, sys.base_prefix,
                                     str(Path(__file__).parents[2]))),
-            cgroup_bases={c: str(b) for c, b in self.cgroups.bases.items()})
+            cgroup_bases={c: str(b) for c, b in self.cgroups.bases.items()},
+            run_root=str(home / "run"))
         self._n = 0
 
     def plan(self, argv: list[str], **options: object) -> ShimPlan:
